@@ -1,0 +1,200 @@
+"""Temporally causal video autoencoder (deterministic, no KL) for StreamDiT latents.
+
+Every temporal operation only looks at the current and earlier frames and every
+normalisation is per frame, so a video can be encoded or decoded chunk by chunk:
+given enough left context (``encoder_context_frames`` / ``decoder_context_frames``)
+the chunked result equals the whole-video result exactly, which is what streaming needs.
+
+Shape legend: B batch, C channels, T video frames, F latent frames, H, W height and
+width (of video frames or latents, as the line says).
+"""
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class CausalConv3d(nn.Module):
+    """3-D conv that pads only on the left in time (replicating the first frame) and with zeros in space."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=(3, 3, 3), stride=(1, 1, 1)):
+        super().__init__()
+        kt, kh, kw = kernel_size
+        self.time_stride = stride[0]
+        # kt - stride frames of left padding keep T / stride output frames, each seeing no later frame
+        # than the last one of its own stride window.
+        self.time_pad = kt - self.time_stride
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, pad, H, W)
+        x = torch.cat([first, x], dim=2)  # (B, C, pad + T, H, W)
+        return self.conv(x)  # (B, C', T / stride, H', W')
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame: statistics across time would leak the future into the past."""
+
+    def __init__(self, channels: int):
+        super().__init__(math.gcd(32, channels), channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        x = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+        x = super().forward(x)  # (B*T, C, H, W)
+        return x.reshape(b, t, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = FrameGroupNorm(out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.skip = nn.Identity() if in_channels == out_channels else CausalConv3d(in_channels, out_channels, (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C', T, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))  # (B, C', T, H, W)
+        return self.skip(x) + h  # (B, C', T, H, W)
+
+
+def downsample(channels: int, temporal: bool) -> CausalConv3d:
+    """Stride-2 conv in space, and in time too (kt=3, left pad 1) when ``temporal``."""
+    if temporal:
+        return CausalConv3d(channels, channels, (3, 3, 3), (2, 2, 2))
+    return CausalConv3d(channels, channels, (1, 3, 3), (1, 2, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest 2x in space, repeat each frame twice when ``temporal``, then a (causal) conv."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.time_factor = 2 if temporal else 1
+        self.conv = CausalConv3d(channels, channels, (3, 3, 3) if temporal else (1, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.repeat_interleave(self.time_factor, dim=2)  # (B, C, T * factor, H, W)
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T * factor, 2H, 2W)
+        return self.conv(x)  # (B, C, T * factor, 2H, 2W)
+
+
+def causal_lookback(module: nn.Module) -> Fraction:
+    """How many input frames before its own ones the first output frame of ``module`` depends on.
+
+    Walks the layers in registration order, which encoder and decoder keep equal to forward order.
+    ``span`` is how many input frames one frame at the current depth covers.
+    """
+    lookback, span = Fraction(0), Fraction(1)
+    for layer in module.modules():
+        if isinstance(layer, Upsample):
+            span /= layer.time_factor
+        elif isinstance(layer, CausalConv3d):
+            lookback += layer.time_pad * span
+            span *= layer.time_stride
+    return lookback
+
+
+def stages(channels: list, layers_per_block: int, resample, flags: list) -> list:
+    """Per stage ``layers_per_block`` ResBlocks, then ``resample(channels, flag)`` between stages."""
+    layers = []
+    for i, c in enumerate(channels):
+        layers += [ResBlock(channels[max(i - 1, 0)] if j == 0 else c, c) for j in range(layers_per_block)]
+        if i < len(flags):
+            layers.append(resample(c, flags[i]))
+    return layers
+
+
+def head(channels: int, out_channels: int) -> list:
+    return [FrameGroupNorm(channels), nn.SiLU(), CausalConv3d(channels, out_channels)]
+
+
+class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
+    """Causal video autoencoder: (B, 3, T, H, W) in [-1, 1] <-> normalised latents (B, C, F, H / s, W / s)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 8,
+        block_out_channels: tuple = (32, 64, 128, 128),
+        temporal_downsample: tuple = (True, True, False),
+        layers_per_block: int = 1,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+    ):
+        super().__init__()
+        channels, flags = list(block_out_channels), [bool(f) for f in temporal_downsample]
+        if len(flags) != len(channels) - 1:
+            raise ValueError(
+                f"temporal_downsample={tuple(temporal_downsample)} needs len(block_out_channels) - 1 = "
+                f"{len(channels) - 1} entries"
+            )
+        if layers_per_block < 1:
+            raise ValueError(f"layers_per_block={layers_per_block} must be at least 1")
+        top, bottom = channels[0], channels[-1]
+        self.encoder = nn.Sequential(
+            CausalConv3d(in_channels, top),
+            *stages(channels, layers_per_block, downsample, flags),
+            ResBlock(bottom, bottom),  # mid block
+            *head(bottom, latent_channels),
+        )
+        # The decoder mirrors the encoder: mid block first, widest stage first, temporal upsampling reversed.
+        self.decoder = nn.Sequential(
+            CausalConv3d(latent_channels, bottom),
+            ResBlock(bottom, bottom),  # mid block
+            *stages(channels[::-1], layers_per_block, Upsample, flags[::-1]),
+            *head(top, in_channels),
+        )
+        t_c = self.temporal_compression
+        self._decoder_context = math.ceil(causal_lookback(self.decoder))
+        self._encoder_context = math.ceil(causal_lookback(self.encoder) / t_c) * t_c
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(bool(f) for f in self.config.temporal_downsample)
+
+    @property
+    def decoder_context_frames(self) -> int:
+        """Latent frames of left context that make chunked decoding equal whole-video decoding."""
+        return self._decoder_context
+
+    @property
+    def encoder_context_frames(self) -> int:
+        """Video frames (a multiple of temporal_compression) of left context for exact chunked encoding."""
+        return self._encoder_context
+
+    def _check(self, x: torch.Tensor, name: str, channels: int, t_multiple: int, hw_multiple: int):
+        ok = x.ndim == 5 and x.shape[1] == channels and x.shape[2] % t_multiple == 0
+        if not ok or x.shape[3] % hw_multiple or x.shape[4] % hw_multiple:
+            raise ValueError(
+                f"{name} of shape {tuple(x.shape)} must be (B, {channels}, T, H, W) with T a multiple of "
+                f"{t_multiple} and H, W multiples of {hw_multiple}"
+            )
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        self._check(video, "video", cfg.in_channels, self.temporal_compression, self.spatial_compression)
+        z = self.encoder(video)  # (B, C, F, H / s, W / s)
+        return (z - cfg.shift_factor) * cfg.scaling_factor  # (B, C, F, H / s, W / s)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        self._check(latents, "latents", cfg.latent_channels, 1, 1)
+        z = latents / cfg.scaling_factor + cfg.shift_factor  # (B, C, F, H, W)
+        # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
+        return self.decoder(z)  # (B, 3, F * t_c, H * s, W * s)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(video))  # (B, 3, T, H, W)

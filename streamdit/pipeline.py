@@ -1,0 +1,553 @@
+"""StreamDiTPipeline: text-to-video as a fixed-length clip (`pipe(...)`) or as an endless stream (`pipe.stream(...)`).
+
+A stream is a `StreamState` (buffer latents, per-frame levels, prompt embeddings, RNG state: plain tensors and
+numbers, so it pickles) advanced one micro step at a time by `pipe.advance(state)`. When the buffer releases its
+clean chunk, `pipe.decode_chunk(state, latents)` turns it into video frames, decoding with the last released latents
+as left context (the paper's overlapped decoding) so that chunks join without seams. `StreamDiTStream` wraps the
+two in an iterator with `set_prompt` and `close`; the Space calls them directly, one GPU call per chunk.
+
+Shape legend: b batch, C latent channels, F buffer frames, c chunk frames, H, W latent size, L text tokens, E text width,
+f video frames, Hv, Wv video size.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
+
+from .autoencoder import StreamDiTAutoencoder
+from .scheduler import StreamBuffer, StreamDiTScheduler
+from .text import StreamDiTTextEncoder, tokenize, unknown_words
+from .transformer import StreamDiTTransformer3DModel
+
+
+@dataclass
+class StreamDiTPipelineOutput(BaseOutput):
+    """frames: np (b, f, Hv, Wv, 3) float in [0, 1]; pt (b, f, 3, Hv, Wv); pil: b lists of f images;
+    latent: (b, C, F_out, H, W) released latents."""
+
+    frames: np.ndarray | torch.Tensor | list
+
+
+@dataclass
+class StreamChunk:
+    """One released chunk of a stream, decoded."""
+
+    frames: np.ndarray  # (f, Hv, Wv, 3) uint8, f = chunk_size * temporal compression (fewer at a video's end)
+    index: int  # chunk number in the stream, from 0
+    start_frame: int  # stream index of frames[0]
+    prompt: str  # the prompt in force when the chunk was released
+    denoise_seconds: float  # wall time of the micro steps since the previous release
+    decode_seconds: float
+
+
+@dataclass
+class StreamState:
+    """Everything a stream carries from one micro step to the next. Plain data: it pickles, so the step function
+    can run in another process (ZeroGPU) and a stream can be saved and resumed bit for bit."""
+
+    buffer: StreamBuffer
+    prompt: list[str]  # one per batch row
+    negative_prompt: list[str]
+    guidance_scale: float
+    generator_state: torch.Tensor  # CPU generator state: fresh noise for every chunk that enters
+    decode_overlap: int  # latent frames of left context for overlapped decoding
+    prompt_embeds: torch.Tensor | None = None  # (b, L, E) for the current prompt; None = encode at the next step
+    prompt_mask: torch.Tensor | None = None  # (b, L) bool
+    negative_embeds: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    micro_step: int = 0  # micro steps taken
+    chunks_released: int = 0
+    frames_released: int = 0  # video frames handed out
+    decode_context: torch.Tensor | None = None  # (b, C, <= decode_overlap, H, W) last released latents
+    denoise_seconds: float = 0.0  # since the last release
+    # video-to-video (None for text-to-video)
+    strength: float = 1.0
+    video_pending: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 input frames not yet in the buffer
+    video_context: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 frames already encoded: the encoder's left context
+    video_ended: bool = False
+    video_frames_in: int = 0  # real input frames taken into the chunks (the rest is padding)
+
+    def set_prompt(self, prompt: str):
+        """The new prompt conditions every micro step from the next one on; it is encoded once, at that step."""
+        self.prompt = [prompt] * len(self.prompt)
+        self.prompt_embeds = self.prompt_mask = None
+
+    @property
+    def finished(self):
+        """A video-to-video stream ends with its input; a text-to-video stream never does."""
+        return self.video_ended and self.video_pending is not None and self.frames_released >= self.video_frames_in
+
+    def to(self, device):
+        self.buffer.to(device)
+        for name in ("prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask", "decode_context"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def _frames_to_video(frames, height, width):
+    """uint8 frames (f, Hv', Wv', 3) -> (1, 3, f, height, width) float in [-1, 1]; centre-crops and resizes."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, f, h, w)
+    h, w = video.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        video = F.interpolate(video, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (video.shape[-2] - height) // 2, (video.shape[-1] - width) // 2
+        video = video[..., top : top + height, left : left + width]
+    return video.unsqueeze(0)
+
+
+def _as_frames(video):
+    """An array, tensor or list of frames -> np uint8 (f, Hv, Wv, 3)."""
+    frames = np.stack([np.asarray(frame) for frame in video]) if isinstance(video, list) else np.asarray(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"video frames of shape {frames.shape} are not (frames, height, width, 3)")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)  # float frames in [0, 1]
+    return frames
+
+
+class StreamDiTPipeline(DiffusionPipeline):
+    """Streaming text-to-video with StreamDiT (Kodaira et al., arXiv 2507.03745).
+
+    Components: `transformer` (StreamDiTTransformer3DModel), `scheduler` (StreamDiTScheduler, holding the default
+    partition), `vae` (StreamDiTAutoencoder), `text_encoder` (StreamDiTTextEncoder), `tokenizer`
+    (PreTrainedTokenizerFast). `guidance_scale` is the model's default classifier-free guidance (1.0 = off).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: StreamDiTTransformer3DModel,
+        scheduler: StreamDiTScheduler,
+        vae: StreamDiTAutoencoder,
+        text_encoder: StreamDiTTextEncoder,
+        tokenizer,
+        guidance_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self.register_to_config(guidance_scale=guidance_scale)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @property
+    def vae_scale_factor_spatial(self):
+        return self.vae.spatial_compression
+
+    @property
+    def vae_scale_factor_temporal(self):
+        return self.vae.temporal_compression
+
+    @property
+    def default_size(self):
+        """(height, width) of the video the transformer was trained on."""
+        _, h, w = self.transformer.config.sample_size
+        return h * self.vae_scale_factor_spatial, w * self.vae_scale_factor_spatial
+
+    # 1. Inputs and text
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` that the tokenizer does not know (and the model therefore ignores)."""
+        return unknown_words(self.tokenizer, prompt)
+
+    def check_prompt(self, prompt):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt={prompt!r} must be a string or a non-empty list of strings")
+        for p in prompts:
+            if not p.strip():
+                raise ValueError(f"prompt {p!r} is empty")
+            tokenize(self.tokenizer, [p])  # raises ValueError naming a prompt longer than the tokenizer's limit
+        return prompts
+
+    def check_inputs(self, prompt, height, width, num_frames, guidance_scale, partition):
+        prompts = self.check_prompt(prompt)
+        factor = self.vae_scale_factor_spatial * self.transformer.config.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < factor or value % factor:
+                raise ValueError(f"{name}={value} must be a positive multiple of {factor} (vae factor x patch size)")
+        if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be >= 1 (1 turns guidance off)")
+        f = self.vae_scale_factor_spatial
+        self.transformer.token_grid(partition.buffer_frames, height // f, width // f)  # ValueError if windows don't tile
+        return prompts
+
+    def encode_prompt(self, prompts: list[str], device=None):
+        """-> (b, L, E) text states and their (b, L) mask; over-long prompts raise ValueError."""
+        input_ids, mask = tokenize(self.tokenizer, prompts)
+        device = device or self._execution_device
+        embeds = self.text_encoder(input_ids.to(device), mask.to(device))
+        return embeds, mask.to(device)
+
+    # 2. The stream: state, one micro step, decoding
+
+    def prepare_stream(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        chunk_size: int | None = None,
+        micro_steps: int | None = None,
+        reference_frames: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        video: np.ndarray | None = None,
+        strength: float = 1.0,
+        decode_overlap: int | None = None,
+        video_complete: bool = True,
+    ) -> StreamState:
+        """A fresh stream: the buffer full of noise at level 0 (the start-up generation happens in `advance`).
+
+        `video` (f, Hv, Wv, 3) uint8, the first input frames of a video-to-video stream: they are encoded and noised
+        to the start of the `strength` trajectory (SDEdit). `video_complete=False` says more frames will follow
+        through `feed_video`.
+        """
+        height, width = (height or self.default_size[0]), (width or self.default_size[1])
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        partition = self.scheduler.partition(chunk_size, micro_steps, reference_frames)
+        prompts = self.check_inputs(prompt, height, width, None, guidance_scale, partition)
+        if negative_prompt is None:
+            negative_prompt = ""
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if decode_overlap is None:
+            decode_overlap = self.vae.decoder_context_frames
+        if not isinstance(decode_overlap, int) or decode_overlap < 0:
+            raise ValueError(f"decode_overlap={decode_overlap} must be an integer >= 0")
+        taus = self.scheduler.taus(partition, strength)
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        elif generator.device.type != "cpu":  # noise is always drawn on the CPU: the same seed, the same video
+            generator = torch.Generator().manual_seed(generator.initial_seed())
+        f = self.vae_scale_factor_spatial
+        shape = (len(prompts), self.transformer.config.in_channels, partition.buffer_frames, height // f, width // f)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not match the buffer {shape}")
+        noise = torch.randn(shape, generator=generator) if latents is None else latents.detach().cpu().float()
+        state = StreamState(
+            buffer=StreamBuffer(noise, partition, taus),
+            prompt=prompts,
+            negative_prompt=negatives,
+            guidance_scale=float(guidance_scale),
+            generator_state=generator.get_state(),
+            decode_overlap=decode_overlap,
+            strength=float(strength),
+        )
+        if video is not None:
+            if len(prompts) != 1:
+                raise ValueError("video-to-video streams take a single prompt")
+            state.video_pending = np.zeros((0, height, width, 3), np.uint8)
+            self.feed_video(state, video, end=video_complete)
+            t = self.vae_scale_factor_temporal
+            x1 = self._encode_input(state, self._take_input(state, partition.buffer_frames * t))  # (1, C, F, H, W)
+            state.video_frames_in -= partition.reference_frames * t  # reference slots are context, never shown
+            state.buffer.latents = self.scheduler.add_noise(x1, noise, taus[0])  # X at the trajectory's start
+        elif strength != 1.0:
+            raise ValueError(f"strength={strength} needs an input video (video-to-video)")
+        return state
+
+    def feed_video(self, state: StreamState, frames, end: bool = False):
+        """Appends input frames to a video-to-video stream; `end=True` says no more will come."""
+        if frames is not None and len(frames):
+            height, width = state.video_pending.shape[1:3]
+            frames = _as_frames(frames)
+            if frames.shape[1:3] != (height, width):
+                resized = _frames_to_video(frames, height, width)[0].permute(1, 2, 3, 0)  # (f, Hv, Wv, 3)
+                frames = ((resized + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            state.video_pending = np.concatenate([state.video_pending, frames])
+        state.video_ended = state.video_ended or end
+
+    def _take_input(self, state, count):
+        """The next `count` input frames; past the input's end the last frame repeats (and is trimmed on output)."""
+        pending = state.video_pending
+        if len(pending) < count and not state.video_ended:
+            raise ValueError(f"the stream needs {count} input frames and has {len(pending)}: feed more or end it")
+        if len(pending) == 0 and state.video_context is None:
+            raise ValueError("video-to-video needs at least one input frame")
+        taken, state.video_pending = pending[:count], pending[count:]
+        state.video_frames_in += len(taken)
+        if len(taken) < count:
+            last = taken[-1:] if len(taken) else state.video_context[-1:]
+            taken = np.concatenate([taken, np.repeat(last, count - len(taken), axis=0)])
+        return taken
+
+    @torch.no_grad()
+    def _encode_input(self, state, frames):
+        """Encodes input frames with the previous ones as causal left context (seamless chunked encoding)."""
+        context = state.video_context if state.video_context is not None else frames[:0]
+        height, width = frames.shape[1:3]
+        video = _frames_to_video(np.concatenate([context, frames]), height, width)
+        latents = self.vae.encode(video.to(self._execution_device, self.vae.dtype)).float()  # (1, C, F', H, W)
+        keep = self.vae.encoder_context_frames
+        state.video_context = np.concatenate([context, frames])[-keep:] if keep else frames[-1:]
+        return latents[:, :, -(len(frames) // self.vae_scale_factor_temporal) :]
+
+    def _fresh_chunk(self, state):
+        """The chunk that enters the buffer at level 0: pure noise, or the noised next input chunk (video-to-video)."""
+        buffer = state.buffer
+        b, channels, _, h, w = buffer.latents.shape
+        generator = torch.Generator()
+        generator.set_state(state.generator_state)
+        noise = torch.randn((b, channels, buffer.partition.chunk_size, h, w), generator=generator)
+        state.generator_state = generator.get_state()
+        if state.video_pending is None:
+            return noise
+        frames = self._take_input(state, buffer.partition.chunk_size * self.vae_scale_factor_temporal)
+        x1 = self._encode_input(state, frames).cpu()
+        return self.scheduler.add_noise(x1, noise, buffer.taus[0].cpu())
+
+    def _velocity(self, state, latents, tau):
+        """u(X_tau, P, tau) for the buffer, with classifier-free guidance when guidance_scale > 1."""
+        b = latents.shape[0]
+        embeds, mask, tau = state.prompt_embeds, state.prompt_mask, tau.expand(b, -1)  # tau (b, F)
+        guided = state.guidance_scale > 1.0
+        if guided:
+            latents = torch.cat([latents, latents])
+            embeds, mask = torch.cat([state.negative_embeds, embeds]), torch.cat([state.negative_mask, mask])
+            tau = torch.cat([tau, tau])
+        velocity = self.transformer(latents, tau, embeds, mask).sample
+        if not guided:
+            return velocity
+        uncond, cond = velocity.chunk(2)
+        return uncond + state.guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def advance(self, state: StreamState):
+        """One micro step of the buffer. Returns (state, released latents (b, C, c, H, W) or None).
+
+        Everything it needs is in `state`, so it can run in a GPU worker process (ZeroGPU) that gets and returns the
+        pickled state; a prompt changed with `state.set_prompt` is encoded here, once.
+        """
+        device = self._execution_device
+        start = time.perf_counter()
+        state.to(device)
+        if state.prompt_embeds is None:
+            state.prompt_embeds, state.prompt_mask = self.encode_prompt(state.prompt, device)
+        if state.guidance_scale > 1.0 and state.negative_embeds is None:
+            state.negative_embeds, state.negative_mask = self.encode_prompt(state.negative_prompt, device)
+        buffer = state.buffer
+        tau, next_tau = buffer.tau(), buffer.next_tau()  # (F,) each
+        velocity = self._velocity(state, buffer.latents, tau)
+        buffer.update(self.scheduler.step(velocity, buffer.latents, tau, next_tau).prev_sample)
+        state.micro_step += 1
+        state.denoise_seconds += time.perf_counter() - start
+        if not buffer.chunk_done():
+            return state, None
+        return state, buffer.release(self._fresh_chunk(state))
+
+    @torch.no_grad()
+    def decode_latents(self, latents, context=None):
+        """Latents (b, C, c, H, W) -> video (b, 3, c * t, Hv, Wv) in [-1, 1], decoded after `context` latents
+        (b, C, k, H, W) whose own frames are dropped: the overlapped decoding that hides seams between chunks."""
+        k = 0 if context is None else context.shape[2]
+        if k:
+            latents = torch.cat([context.to(latents.device), latents], dim=2)
+        video = self.vae.decode(latents.to(self.vae.dtype)).float()
+        return video[:, :, k * self.vae_scale_factor_temporal :]
+
+    def decode_chunk(self, state: StreamState, latents) -> StreamChunk:
+        """Decodes a released chunk of a single-prompt stream into uint8 frames and updates the decode context."""
+        start = time.perf_counter()
+        video = self.decode_latents(latents, state.decode_context)  # (1, 3, f, Hv, Wv)
+        if state.decode_overlap:
+            previous = latents if state.decode_context is None else torch.cat([state.decode_context, latents], 2)
+            state.decode_context = previous[:, :, -state.decode_overlap :]
+        frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        if state.video_ended and state.video_pending is not None:  # drop the padding after an input video's end
+            frames = frames[: max(state.video_frames_in - state.frames_released, 0)]
+        chunk = StreamChunk(
+            frames=frames,
+            index=state.chunks_released,
+            start_frame=state.frames_released,
+            prompt=state.prompt[0],
+            denoise_seconds=state.denoise_seconds,
+            decode_seconds=time.perf_counter() - start,
+        )
+        state.chunks_released += 1
+        state.frames_released += len(frames)
+        state.denoise_seconds = 0.0
+        return chunk
+
+    def next_chunk(self, state: StreamState) -> tuple[StreamState, StreamChunk]:
+        """Micro steps until the buffer releases a chunk, then decodes it: the unit of work of one GPU call."""
+        latents = None
+        while latents is None:
+            state, latents = self.advance(state)
+        return state, self.decode_chunk(state, latents)
+
+    def stream(self, prompt: str | None = None, video: Iterable | None = None, state: StreamState | None = None,
+               **options) -> "StreamDiTStream":
+        """An endless stream of `StreamChunk`s for `prompt` (options as `prepare_stream`).
+
+        `video`: an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3) to restyle (video-to-video, with
+        `strength`); the stream then ends with its input. `state`: resume a saved stream instead of starting one.
+        """
+        source = None if video is None else _VideoSource(video)
+        if state is None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt={prompt!r} must be a string (streams take one prompt)")
+            first = None
+            if source is not None:  # the first buffer's worth of input frames
+                first = source.take(self.scheduler.config.buffer_frames * self.vae_scale_factor_temporal)
+            state = self.prepare_stream(prompt, video=first, video_complete=source is None or source.ended, **options)
+        return StreamDiTStream(self, state, source)
+
+    # 3. Fixed-length generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        chunk_size: int | None = None,
+        micro_steps: int | None = None,
+        reference_frames: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """Generates `num_frames` video frames (default: one buffer's worth) by running the stream until they are out.
+
+        With the uniform partition (chunk_size = buffer frames, micro_steps = the number of steps) this is ordinary
+        flow-matching clip generation. `callback_on_step_end(pipe, micro_step, tau (F,), {"latents": ...})` may return
+        {"latents": new buffer latents}.
+        """
+        # 1. Check inputs, defaults
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type={output_type!r} must be one of 'np', 'pt', 'pil', 'latent'")
+        bad = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} are not available; only 'latents' is")
+        partition = self.scheduler.partition(chunk_size, micro_steps, reference_frames)
+        t = self.vae_scale_factor_temporal
+        if num_frames is None:
+            num_frames = partition.num_chunks * partition.chunk_size * t
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
+        # 2. The stream state: prompt checks, noise buffer
+        state = self.prepare_stream(
+            prompt, negative_prompt, height, width, chunk_size, micro_steps, reference_frames, guidance_scale,
+            generator, latents, decode_overlap=0,
+        )
+        # 3. Micro steps until enough latent frames are released
+        chunks_needed = -(-num_frames // (partition.chunk_size * t))
+        total = partition.num_steps + (chunks_needed - 1) * partition.micro_steps
+        released = []
+        with self.progress_bar(total=total) as progress:
+            while len(released) < chunks_needed:
+                tau = state.buffer.tau()
+                state, out = self.advance(state)
+                if out is not None:
+                    released.append(out)
+                if callback_on_step_end is not None:
+                    result = callback_on_step_end(self, state.micro_step - 1, tau, {"latents": state.buffer.latents})
+                    state.buffer.latents = (result or {}).get("latents", state.buffer.latents)
+                progress.update()
+        latents = torch.cat(released, dim=2)  # (b, C, chunks * c, H, W)
+        # 4. Decode the whole clip at once (one decode, no seams to hide)
+        if output_type == "latent":
+            frames = latents[:, :, : -(-num_frames // t)]
+        else:
+            video = self.decode_latents(latents)[:, :, :num_frames]
+            frames = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return StreamDiTPipelineOutput(frames=frames) if return_dict else (frames,)
+
+
+class _VideoSource:
+    """Pulls input frames from an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3)."""
+
+    def __init__(self, video):
+        self.iterator, self.ended = iter(video), False
+
+    def take(self, count):
+        frames = []
+        while sum(len(f) for f in frames) < count and not self.ended:
+            try:
+                item = np.asarray(next(self.iterator))
+            except StopIteration:
+                self.ended = True
+                break
+            frames.append(_as_frames(item[None] if item.ndim == 3 else item))
+        return np.concatenate(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+class StreamDiTStream:
+    """Iterating yields `StreamChunk`s forever (text-to-video) or until the input ends (video-to-video).
+
+    `set_prompt` may be called from another thread (a UI callback); the new prompt takes effect at the next micro
+    step. `close()` ends the stream. The whole stream lives in `self.state`, which pickles.
+    """
+
+    def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: _VideoSource | None = None):
+        self.pipe, self.state, self.video = pipe, state, video
+        self.closed = False
+        self._pending_prompt = None
+        self._lock = threading.Lock()
+
+    def set_prompt(self, prompt: str):
+        self.pipe.check_prompt(prompt)  # a bad prompt fails here, in the caller, and the stream keeps its old one
+        with self._lock:
+            self._pending_prompt = prompt
+
+    def close(self):
+        self.closed = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StreamChunk:
+        if self.closed or self.state.finished:
+            raise StopIteration
+        latents = None
+        while latents is None:
+            with self._lock:
+                if self._pending_prompt is not None:
+                    self.state.set_prompt(self._pending_prompt)
+                    self._pending_prompt = None
+            self._top_up_video()
+            self.state, latents = self.pipe.advance(self.state)
+        chunk = self.pipe.decode_chunk(self.state, latents)
+        if len(chunk.frames) == 0:  # only padding after the input video's end
+            raise StopIteration
+        return chunk
+
+    def _top_up_video(self):
+        """Keeps one chunk of input frames pending, so a release never waits on the input."""
+        if self.video is None or self.state.video_ended:
+            return
+        need = self.state.buffer.partition.chunk_size * self.pipe.vae_scale_factor_temporal
+        missing = need - len(self.state.video_pending)
+        if missing > 0:
+            self.pipe.feed_video(self.state, self.video.take(missing), end=False)
+            self.state.video_ended = self.video.ended
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

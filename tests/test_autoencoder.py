@@ -1,0 +1,105 @@
+import re
+
+import pytest
+import torch
+
+from streamdit.autoencoder import StreamDiTAutoencoder
+
+TINY = dict(block_out_channels=(8, 8, 8), temporal_downsample=(True, True))
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return StreamDiTAutoencoder(**TINY).eval()
+
+
+def test_compression_and_context():
+    default = StreamDiTAutoencoder()
+    assert (default.spatial_compression, default.temporal_compression) == (8, 4)
+    assert (default.decoder_context_frames, default.encoder_context_frames) == (19, 76)
+    tiny = StreamDiTAutoencoder(**TINY)
+    assert (tiny.spatial_compression, tiny.temporal_compression) == (4, 4)
+    assert (tiny.decoder_context_frames, tiny.encoder_context_frames) == (15, 60)
+
+
+@torch.no_grad()
+def test_shapes(vae):
+    video = torch.rand(2, 3, 8, 16, 24) * 2 - 1
+    latents = vae.encode(video)
+    assert latents.shape == (2, 8, 2, 4, 6)
+    assert vae.decode(latents).shape == video.shape
+    assert vae(video).shape == video.shape
+
+
+# extra: latent frames of context beyond decoder_context_frames (None: no context at all). The -1 case
+# shows the analytic context is tight, the None case that the comparison can fail at all.
+@pytest.mark.parametrize(
+    "k, c, extra, exact", [(16, 2, 0, True), (17, 3, 0, True), (17, 3, 2, True), (16, 2, -1, False), (16, 2, None, False)]
+)
+@torch.no_grad()
+def test_chunked_decoding_matches_whole(vae, k, c, extra, exact):
+    torch.manual_seed(1)
+    latents = torch.randn(1, 8, 20, 4, 4)
+    t_c = vae.temporal_compression
+    whole = vae.decode(latents)[:, :, k * t_c : (k + c) * t_c]
+    ctx = 0 if extra is None else vae.decoder_context_frames + extra
+    chunk = vae.decode(latents[:, :, k - ctx : k + c])[:, :, -c * t_c :]
+    diff = (chunk - whole).abs().max().item()
+    assert diff < 1e-5 if exact else diff > 1e-4
+
+
+# extra: latent frames (temporal_compression video frames each) of context beyond encoder_context_frames.
+@pytest.mark.parametrize(
+    "k, c, extra, exact", [(16, 2, 0, True), (17, 1, 0, True), (16, 2, 1, True), (16, 2, -1, False), (16, 2, None, False)]
+)
+@torch.no_grad()
+def test_chunked_encoding_matches_whole(vae, k, c, extra, exact):
+    torch.manual_seed(2)
+    video = torch.rand(1, 3, 72, 16, 16) * 2 - 1
+    t_c = vae.temporal_compression
+    whole = vae.encode(video)[:, :, k : k + c]
+    ctx = 0 if extra is None else vae.encoder_context_frames + extra * t_c
+    chunk = vae.encode(video[:, :, k * t_c - ctx : (k + c) * t_c])[:, :, -c:]
+    diff = (chunk - whole).abs().max().item()
+    assert diff < 1e-5 if exact else diff > 1e-4
+
+
+@pytest.mark.parametrize(
+    "method, shape",
+    [
+        ("encode", (1, 3, 6, 16, 16)),  # T not a multiple of 4
+        ("encode", (1, 3, 8, 16, 18)),  # W not a multiple of 4
+        ("encode", (1, 4, 8, 16, 16)),  # wrong channels
+        ("encode", (3, 8, 16, 16)),  # no batch dimension
+        ("decode", (1, 3, 2, 4, 4)),  # wrong latent channels
+    ],
+)
+def test_bad_shapes_raise(vae, method, shape):
+    with pytest.raises(ValueError, match=re.escape(str(shape))):
+        getattr(vae, method)(torch.zeros(shape))
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="temporal_downsample"):
+        StreamDiTAutoencoder(block_out_channels=(8, 8, 8), temporal_downsample=(True,))
+
+
+def test_normalisation_round_trips():
+    torch.manual_seed(0)
+    plain = StreamDiTAutoencoder(**TINY).eval()
+    scaled = StreamDiTAutoencoder(**TINY, scaling_factor=0.5, shift_factor=0.25).eval()
+    scaled.load_state_dict(plain.state_dict())
+    video = torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.encode(video), (plain.encode(video) - 0.25) * 0.5)
+        torch.testing.assert_close(scaled(video), plain(video))
+
+
+@torch.no_grad()
+def test_save_load_round_trip(vae, tmp_path):
+    vae.save_pretrained(tmp_path)
+    loaded = StreamDiTAutoencoder.from_pretrained(tmp_path).eval()
+    assert loaded.decoder_context_frames == vae.decoder_context_frames
+    video = torch.rand(1, 3, 8, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(video), vae(video), rtol=0, atol=0)

@@ -1,0 +1,148 @@
+"""The StreamDiT transformer: per-frame time, window attention, presets."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamdit.transformer import WindowSelfAttention, apply_rope, from_preset, rope_frequencies
+from conftest import randomize_zeros
+
+
+def tiny(**overrides):
+    return randomize_zeros(from_preset("tiny", **overrides)).eval()
+
+
+def inputs(b=2, f=8, h=4, w=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, f, h, w, generator=g), torch.rand(b, f, generator=g), torch.randn(b, 5, 16, generator=g)
+
+
+def test_shapes_and_seeded_determinism():
+    x, tau, text = inputs()
+    torch.manual_seed(1)
+    out = tiny()(x, tau, text).sample
+    assert out.shape == x.shape
+    torch.manual_seed(1)
+    torch.testing.assert_close(tiny()(x, tau, text).sample, out, atol=0, rtol=0)
+
+
+def test_untrained_model_predicts_zero_velocity():  # adaLN-Zero: the final layer starts at zero
+    x, tau, text = inputs()
+    assert from_preset("tiny")(x, tau, text).sample.abs().max() == 0
+
+
+def test_frames_with_different_tau_get_different_modulation():
+    model = tiny()
+    x, _, text = inputs(b=1)
+    tau = torch.tensor([[1.0, 1.0, 0.8, 0.6, 0.6, 0.4, 0.2, 0.0]])
+    seen = {}
+    model.blocks[0].adaLN_modulation.register_forward_hook(lambda m, i, o: seen.update(mod=o))
+    model(x, tau, text)
+    mod = seen["mod"][0]  # (F, 6D): one modulation per frame
+    assert torch.equal(mod[0], mod[1]) and torch.equal(mod[3], mod[4])  # same tau, same modulation
+    for a, b in [(1, 2), (2, 3), (4, 5), (6, 7)]:
+        assert not torch.allclose(mod[a], mod[b])
+
+
+def test_output_of_a_frame_depends_on_its_own_tau():
+    model = tiny(window_size=(1, 4, 4))  # frames do not talk: only the frame's own tau can change its output
+    x, tau, text = inputs(b=1)
+    other = tau.clone()
+    other[0, 3] += 0.3
+    a, b = model(x, tau, text).sample, model(x, other, text).sample
+    changed = (a - b).abs().amax(dim=(0, 1, 3, 4))
+    assert changed[3] > 0 and changed[[0, 1, 2, 4, 5, 6, 7]].abs().max() == 0
+
+
+def full_attention(module, x, grid):
+    """Reference: plain attention over every token with the module's own weights, no windows."""
+    q, k, v = module.qkv(x).unflatten(-1, (3, module.num_heads, -1)).unbind(2)  # (B, N, heads, d)
+    rope = rope_frequencies(q.shape[-1], grid)
+    q, k = apply_rope(module.q_norm(q), rope), apply_rope(module.k_norm(k), rope)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return module.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("window", [(4, 3, 6), (9, 9, 9)])  # exactly the grid, and larger than it
+def test_window_attention_equals_full_attention_when_window_covers_grid(shifted, window):
+    torch.manual_seed(0)
+    module = WindowSelfAttention(32, 2, window, shifted)
+    grid = (4, 3, 6)
+    x = torch.randn(2, 4 * 3 * 6, 32)
+    torch.testing.assert_close(module(x, grid, rope_frequencies(16, grid)), full_attention(module, x, grid))
+
+
+def perturbation_effect(shifted, source, target, grid=(8, 4, 4), window=(4, 2, 2)):
+    """How much the output at token `target` (f, y, x) moves when the input at `source` is perturbed."""
+    torch.manual_seed(0)
+    module = WindowSelfAttention(32, 2, window, shifted)
+    rope = rope_frequencies(16, grid)
+    x = torch.randn(1, *grid, 32)
+    y = x.clone()
+    y[(0, *source)] += 1.0
+    out_x, out_y = (module(t.flatten(1, 3), grid, rope).view(1, *grid, 32) for t in (x, y))
+    return (out_x - out_y)[(0, *target)].abs().max().item()
+
+
+def test_window_attention_is_local():
+    # Plain layer, windows of (4, 2, 2): frames 0-3 / 4-7, rows 0-1 / 2-3, columns 0-1 / 2-3.
+    assert perturbation_effect(False, (3, 1, 1), (0, 0, 0)) > 0  # same window
+    assert perturbation_effect(False, (4, 0, 0), (0, 0, 0)) == 0  # next window in time
+    assert perturbation_effect(False, (0, 2, 0), (0, 0, 0)) == 0  # next window in height
+    assert perturbation_effect(False, (7, 3, 3), (0, 0, 0)) == 0  # the far end of the grid
+
+
+def test_window_attention_shifted_layer_wraps_around():
+    # Shifted by (2, 1, 1) with wrap-around: frame 0 now shares a window with frames 6, 7 (wrapped), not 2 .. 5;
+    # row 0 with row 3 (wrapped), not rows 1, 2.
+    assert perturbation_effect(True, (7, 3, 3), (0, 0, 0)) > 0  # across the wrap, in every axis
+    assert perturbation_effect(True, (6, 0, 0), (0, 0, 0)) > 0
+    assert perturbation_effect(True, (2, 0, 0), (0, 0, 0)) == 0  # outside the shifted window (inside the plain one)
+    assert perturbation_effect(True, (0, 1, 0), (0, 0, 0)) == 0
+    assert perturbation_effect(True, (3, 2, 2), (3, 1, 1)) > 0  # an interior shifted window: frames 2-5, rows 1-2
+    assert perturbation_effect(True, (3, 1, 1), (4, 0, 0)) == 0
+
+
+def test_gradient_checkpointing_matches():
+    model = tiny()
+    x, tau, text = inputs()
+    model.train()
+    loss = model(x, tau, text).sample.square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.enable_gradient_checkpointing()
+    loss_ckpt = model(x, tau, text).sample.square().mean()
+    grads_ckpt = torch.autograd.grad(loss_ckpt, list(model.parameters()))
+    torch.testing.assert_close(loss, loss_ckpt)
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b)
+
+
+def test_text_mask_hides_padding():
+    model = tiny()
+    x, tau, text = inputs(b=1)
+    mask = torch.tensor([[True, True, False, False, False]])
+    noisy = text.clone()
+    noisy[:, 2:] = torch.randn(1, 3, 16)
+    torch.testing.assert_close(model(x, tau, text, mask).sample, model(x, tau, noisy, mask).sample)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((1, 4, 8, 5, 4), "patch"), ((1, 4, 7, 4, 4), "7 tokens in frames")],
+)
+def test_bad_grid_raises(shape, message):
+    model = from_preset("tiny", patch_size=1 if message != "patch" else 2)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(shape), torch.zeros(1, shape[2]), torch.zeros(1, 5, 16))
+
+
+def test_presets():
+    with torch.device("meta"):  # count the paper-sized model without allocating 16 GB
+        large = from_preset("large")
+    assert 3.5e9 < sum(p.numel() for p in large.parameters()) < 4.5e9
+    assert large.config.sample_size == (16, 64, 64) and large.config.in_channels == 8
+    small = from_preset("small")
+    assert sum(p.numel() for p in small.parameters()) < 20e6
+    with pytest.raises(ValueError, match="huge"):
+        from_preset("huge")
