@@ -218,7 +218,8 @@ class StreamDiTPipeline(DiffusionPipeline):
         to the start of the `strength` trajectory (SDEdit). `video_complete=False` says more frames will follow
         through `feed_video`.
         """
-        height, width = (height or self.default_size[0]), (width or self.default_size[1])
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         partition = self.scheduler.partition(chunk_size, micro_steps, reference_frames)
         prompts = self.check_inputs(prompt, height, width, None, guidance_scale, partition)

@@ -39,7 +39,8 @@ class Partition:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"partition {name}={value!r} must be an integer")
         if self.reference_frames < 0 or min(self.num_chunks, self.chunk_size, self.micro_steps) < 1:
-            raise ValueError(f"impossible partition {values}: K >= 0 and N, c, s >= 1 are needed")
+            shown = ", ".join(f"{name}={value}" for name, value in values.items())
+            raise ValueError(f"impossible partition ({shown}): K >= 0 and N, c, s >= 1 are needed")
 
     @classmethod
     def from_buffer(cls, buffer_frames, chunk_size, micro_steps, reference_frames=0):
@@ -202,8 +203,8 @@ class StreamDiTScheduler(SchedulerMixin, ConfigMixin):
         return self.shift_tau(u).float().to(device)
 
     def add_noise(self, x1, noise, tau):
-        """Eq. 5: X_tau from data x1 and noise X0 (b, C, F, H, W), tau (b, F) or (F,)."""
-        t = tau.float().view(-1, 1, tau.shape[-1], 1, 1)
+        """Eq. 5: X_tau from data x1 and noise X0 (b, C, F, H, W), tau (b, F), (F,) or one level for all."""
+        t = tau.float() if tau.ndim == 0 else tau.float().view(-1, 1, tau.shape[-1], 1, 1)
         return t * x1 + (1.0 - (1.0 - self.config.sigma_min) * t) * noise
 
     def velocity(self, x1, noise):

@@ -37,6 +37,8 @@ def tiny_pipeline(seed=0, **scheduler_options):
     scheduler = StreamDiTScheduler(**options)
     pipe = StreamDiTPipeline(transformer, scheduler, vae, text_encoder, tokenizer)
     pipe.set_progress_bar_config(disable=True)
+    for model in (text_encoder, vae, transformer):
+        model.eval()  # as from_pretrained leaves them (torch's encoder layers take another code path in eval)
     return pipe.to("cpu")
 
 
