@@ -32,6 +32,13 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=(0, kh // 2, kw // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.kernel_size[0] == 1 and self.time_stride == 1:
+            # A per-frame conv: run it as conv2d over (B*T) frames, several times faster than conv3d on CPU.
+            b, t = x.shape[0], x.shape[2]
+            frames = x.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
+            conv = self.conv
+            out = F.conv2d(frames, conv.weight[:, :, 0], conv.bias, conv.stride[1:], conv.padding[1:])
+            return out.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
         first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, pad, H, W)
         x = torch.cat([first, x], dim=2)  # (B, C, pad + T, H, W)
         return self.conv(x)  # (B, C', T / stride, H', W')
@@ -51,12 +58,12 @@ class FrameGroupNorm(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, kt: int = 3):
         super().__init__()
         self.norm1 = FrameGroupNorm(in_channels)
-        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, (kt, 3, 3))
         self.norm2 = FrameGroupNorm(out_channels)
-        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels, (kt, 3, 3))
         self.skip = nn.Identity() if in_channels == out_channels else CausalConv3d(in_channels, out_channels, (1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,18 +109,18 @@ def causal_lookback(module: nn.Module) -> Fraction:
     return lookback
 
 
-def stages(channels: list, layers_per_block: int, resample, flags: list) -> list:
+def stages(channels: list, layers_per_block: int, resample, flags: list, kt: int) -> list:
     """Per stage ``layers_per_block`` ResBlocks, then ``resample(channels, flag)`` between stages."""
     layers = []
     for i, c in enumerate(channels):
-        layers += [ResBlock(channels[max(i - 1, 0)] if j == 0 else c, c) for j in range(layers_per_block)]
+        layers += [ResBlock(channels[max(i - 1, 0)] if j == 0 else c, c, kt) for j in range(layers_per_block)]
         if i < len(flags):
             layers.append(resample(c, flags[i]))
     return layers
 
 
-def head(channels: int, out_channels: int) -> list:
-    return [FrameGroupNorm(channels), nn.SiLU(), CausalConv3d(channels, out_channels)]
+def head(channels: int, out_channels: int, kt: int) -> list:
+    return [FrameGroupNorm(channels), nn.SiLU(), CausalConv3d(channels, out_channels, (kt, 3, 3))]
 
 
 class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
@@ -127,6 +134,7 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         block_out_channels: tuple = (32, 64, 128, 128),
         temporal_downsample: tuple = (True, True, False),
         layers_per_block: int = 1,
+        temporal_kernel_size: int = 3,
         scaling_factor: float = 1.0,
         shift_factor: float = 0.0,
     ):
@@ -139,19 +147,23 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
             )
         if layers_per_block < 1:
             raise ValueError(f"layers_per_block={layers_per_block} must be at least 1")
-        top, bottom = channels[0], channels[-1]
+        if temporal_kernel_size < 1:
+            raise ValueError(f"temporal_kernel_size={temporal_kernel_size} must be at least 1")
+        # temporal_kernel_size=1 makes every conv but the temporal resampling per-frame: the decoder then needs only a
+        # frame or two of left context, so streaming decodes little more than the chunk itself.
+        top, bottom, kt = channels[0], channels[-1], temporal_kernel_size
         self.encoder = nn.Sequential(
-            CausalConv3d(in_channels, top),
-            *stages(channels, layers_per_block, downsample, flags),
-            ResBlock(bottom, bottom),  # mid block
-            *head(bottom, latent_channels),
+            CausalConv3d(in_channels, top, (kt, 3, 3)),
+            *stages(channels, layers_per_block, downsample, flags, kt),
+            ResBlock(bottom, bottom, kt),  # mid block
+            *head(bottom, latent_channels, kt),
         )
         # The decoder mirrors the encoder: mid block first, widest stage first, temporal upsampling reversed.
         self.decoder = nn.Sequential(
-            CausalConv3d(latent_channels, bottom),
-            ResBlock(bottom, bottom),  # mid block
-            *stages(channels[::-1], layers_per_block, Upsample, flags[::-1]),
-            *head(top, in_channels),
+            CausalConv3d(latent_channels, bottom, (kt, 3, 3)),
+            ResBlock(bottom, bottom, kt),  # mid block
+            *stages(channels[::-1], layers_per_block, Upsample, flags[::-1], kt),
+            *head(top, in_channels, kt),
         )
         t_c = self.temporal_compression
         self._decoder_context = math.ceil(causal_lookback(self.decoder))

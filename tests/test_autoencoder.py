@@ -103,3 +103,19 @@ def test_save_load_round_trip(vae, tmp_path):
     assert loaded.decoder_context_frames == vae.decoder_context_frames
     video = torch.rand(1, 3, 8, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded(video), vae(video), rtol=0, atol=0)
+
+
+def test_per_frame_convs_keep_context_small_and_chunking_exact():
+    """temporal_kernel_size=1: only the temporal resampling mixes frames, so streaming decodes need little context."""
+    torch.manual_seed(0)
+    vae = StreamDiTAutoencoder(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), temporal_downsample=(False, True, True),
+        temporal_kernel_size=1,
+    ).eval()
+    assert vae.decoder_context_frames <= 2 and vae.encoder_context_frames <= 4
+    z = torch.randn(1, 4, 8, 2, 2)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        k, ctx = 5, vae.decoder_context_frames
+        chunk = vae.decode(z[:, :, k - ctx : k + 2])[:, :, ctx * 4 :]
+    torch.testing.assert_close(chunk, whole[:, :, k * 4 : (k + 2) * 4], atol=1e-5, rtol=0)
