@@ -1,0 +1,298 @@
+"""Train the built-in StreamDiT model on shapes world.
+
+    python -m streamdit.train --stage all --output-dir runs/shapes       # autoencoder, then the DiT
+    accelerate launch -m streamdit.train --stage dit ...                   # one or many GPUs, same script
+
+Stage "vae": the causal video autoencoder, by pixel reconstruction (L1 + MSE, object pixels weighted up: they are a few
+percent of the frame but all of the content). Its latents are then normalised to unit variance.
+Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
+size c from {1, 2, 4, ..., B} and each chunk its own tau from Eq. 8, so one model serves uniform, diagonal and StreamDiT
+partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance.
+
+Every run resumes from the newest checkpoint in --output-dir (model, optimiser, EMA, data RNG, step), so an
+interrupted run continues where it stopped. Loss goes to <stage>-loss.csv and <stage>-loss.png; the finished pipeline
+(EMA weights) to <output-dir>/pipeline.
+"""
+
+import argparse
+import csv
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .autoencoder import StreamDiTAutoencoder
+from .data import VOCABULARY, sample_batch
+from .pipeline import StreamDiTPipeline
+from .scheduler import StreamDiTScheduler
+from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
+from .transformer import from_preset
+
+
+class TrainState:
+    """Step counter and data RNG, checkpointed with the models so a resumed run sees the data it would have seen."""
+
+    def __init__(self, seed):
+        self.step, self.rng = 0, np.random.default_rng(seed)
+
+    def state_dict(self):
+        return {"step": self.step, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.step, self.rng.bit_generator.state = state["step"], state["rng"]
+
+
+def new_vae(args):
+    return StreamDiTAutoencoder(
+        latent_channels=args.latent_channels,
+        block_out_channels=tuple(args.vae_channels),
+        temporal_downsample=(False, True, True),
+        temporal_kernel_size=1,
+    )
+
+
+def new_text_side():
+    tokenizer = build_tokenizer(VOCABULARY, max_length=32)
+    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=32, hidden_size=128, num_layers=2)
+    return tokenizer, text_encoder
+
+
+def object_weights(video):
+    """1 on background pixels, 5 on the object's: the background of a clip is its median colour."""
+    background = video.flatten(2).median(dim=2).values[:, :, None, None, None]  # (b, 3, 1, 1, 1)
+    on_object = (video - background).abs().sum(1, keepdim=True) > 0.02  # (b, 1, T, H, W)
+    return 1.0 + 4.0 * on_object.float()
+
+
+def object_crops(video, scenes, rng, size):
+    """size x size crops that contain each clip's object: the autoencoder is convolutional, so crops train it as
+    well as whole frames at a fraction of the cost, and crops around the object are never all background."""
+    side = video.shape[-1]
+    crops = []
+    for clip, scene in zip(video, scenes):
+        x, y = scene.centre(0, side)
+        left = int(x - rng.uniform(0.25, 0.75) * size) % side
+        top = int(y - rng.uniform(0.25, 0.75) * size) % side
+        clip = torch.roll(clip, shifts=(-top, -left), dims=(-2, -1))  # the world is a torus: crops wrap too
+        crops.append(clip[..., :size, :size])
+    return torch.stack(crops)  # (b, 3, T, size, size)
+
+
+def vae_loss(vae, batch, args, rng):
+    video = object_crops(batch[0], batch[2], rng, args.vae_crop)  # (b, 3, T, crop, crop) in [-1, 1]
+    recon = vae(video)
+    w = object_weights(video)
+    return ((recon - video).abs() * w).mean() + ((recon - video).square() * w).mean()
+
+
+def dit_loss(models, batch, args, state):
+    """Eq. 5 with a mixed partition: X_tau per frame, target V = X1 - (1 - sigma_min) X0."""
+    transformer, text_encoder, vae, tokenizer, scheduler = models
+    video, captions = batch[0], batch[1]
+    captions = ["" if state.rng.random() < args.caption_dropout else c for c in captions]
+    with torch.no_grad():
+        x1 = vae.encode(video)  # (b, C, F, H, W), unit variance
+    partitions = scheduler.training_partitions()
+    partition = partitions[state.rng.integers(len(partitions))]
+    generator = torch.Generator().manual_seed(int(state.rng.integers(2**62)))
+    tau = scheduler.sample_tau(partition, x1.shape[0], generator).to(x1.device)  # (b, F)
+    noise = torch.randn(x1.shape, generator=generator).to(x1.device)
+    ids, mask = tokenize(tokenizer, captions)
+    text = text_encoder(ids.to(x1.device), mask.to(x1.device))
+    velocity = transformer(scheduler.add_noise(x1, noise, tau), tau, text, mask.to(x1.device)).sample
+    return F.mse_loss(velocity.float(), scheduler.velocity(x1, noise))
+
+
+def latest_checkpoint(folder: Path, stage: str):
+    found = sorted(folder.glob(f"{stage}-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return found[-1] if found else None
+
+
+def plot_loss(csv_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        return
+    steps, losses = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+    smooth = np.convolve(losses, np.ones(min(20, len(losses))) / min(20, len(losses)), mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps[len(steps) - len(smooth) :], smooth, label="moving average")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=csv_path.stem)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(csv_path.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+def run_stage(stage, args, accelerator, trainable, loss_fn, num_frames):
+    """The shared loop: AdamW with warm-up, EMA, gradient clipping, checkpoints every --checkpoint-every steps."""
+    out = Path(args.output_dir)
+    params = [p for m in trainable for p in m.parameters()]
+    lr = args.vae_lr if stage == "vae" else args.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    warmup = lambda step: min(1.0, (step + 1) / args.warmup_steps)  # noqa: E731
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    steps = args.vae_steps if stage == "vae" else args.steps
+    *trainable, optimizer, lr_schedule = accelerator.prepare(*trainable, optimizer, lr_schedule)
+    ema = EMAModel([p for m in trainable for p in m.parameters()], decay=args.ema_decay, use_ema_warmup=True,
+                   power=3 / 4)
+    state = TrainState(args.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(ema, state)
+    checkpoint = latest_checkpoint(out / "checkpoints", stage)
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        accelerator.print(f"resumed {stage} from {checkpoint} at step {state.step}")
+    csv_path = out / f"{stage}-loss.csv"
+    if accelerator.is_main_process and not csv_path.exists():
+        csv_path.write_text("step,loss,lr,seconds\n")
+    progress = tqdm(total=steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process)
+    start = time.time()
+    while state.step < steps:
+        batch = sample_batch(state.rng, args.batch_size, num_frames)
+        batch = (batch[0].to(accelerator.device), *batch[1:])
+        loss = loss_fn(trainable, batch, state)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step([p for m in trainable for p in m.parameters()])
+        state.step += 1
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if accelerator.is_main_process and (state.step % args.log_every == 0 or state.step == steps):
+            with csv_path.open("a") as f:
+                f.write(f"{state.step},{loss.item():.6f},{lr_schedule.get_last_lr()[0]:.3g},{time.time() - start:.1f}\n")
+        if state.step % args.checkpoint_every == 0 or state.step == steps:
+            save_checkpoint(accelerator, out, stage, state.step, args.keep_checkpoints)
+            if accelerator.is_main_process:
+                plot_loss(csv_path)
+    progress.close()
+    ema.copy_to([p for m in trainable for p in m.parameters()])  # ship the EMA weights
+    return [accelerator.unwrap_model(m) for m in trainable]
+
+
+def save_checkpoint(accelerator, out, stage, step, keep):
+    accelerator.save_state(out / "checkpoints" / f"{stage}-{step}")
+    if accelerator.is_main_process:
+        found = sorted((out / "checkpoints").glob(f"{stage}-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in found[:-keep]:
+            shutil.rmtree(old)
+
+
+@torch.no_grad()
+def normalise_latents(vae, args, device):
+    """Sets shift and scaling so the latents the DiT sees have zero mean and unit variance (as diffusers' VAEs do)."""
+    videos = sample_batch(np.random.default_rng(args.seed + 1), 32, 16)[0].to(device)
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    z = vae.encode(videos)
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, device, clips=32, seed=12345):
+    """PSNR (dB) of the autoencoder on fresh shapes-world clips, pixels in [0, 255]."""
+    videos = sample_batch(np.random.default_rng(seed), clips, 16)[0].to(device)
+    recon = vae(videos).clamp(-1, 1)
+    mse = ((recon - videos) * 127.5).square().mean().item()
+    return 10 * math.log10(255**2 / mse)
+
+
+def train_vae(args):
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
+    vae = new_vae(args)
+    loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
+    (vae,) = run_stage("vae", args, accelerator, [vae], loss, args.vae_frames)
+    if accelerator.is_main_process:
+        vae.eval()
+        normalise_latents(vae, args, accelerator.device)
+        psnr = reconstruction_psnr(vae, accelerator.device)
+        vae.save_pretrained(Path(args.output_dir) / "vae")
+        (Path(args.output_dir) / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
+        accelerator.print(f"autoencoder PSNR {psnr:.2f} dB")
+    accelerator.wait_for_everyone()
+
+
+def train_dit(args):
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out = Path(args.output_dir)
+    vae = StreamDiTAutoencoder.from_pretrained(out / "vae").to(accelerator.device).eval().requires_grad_(False)
+    tokenizer, text_encoder = new_text_side()
+    scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
+                                   micro_steps=args.micro_steps, shift=args.shift)
+    transformer = from_preset(args.preset, in_channels=args.latent_channels,
+                              sample_size=(args.buffer_frames, 128 // vae.spatial_compression,
+                                           128 // vae.spatial_compression))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    def loss(trainable, batch, state):
+        return dit_loss((trainable[0], trainable[1], vae, tokenizer, scheduler), batch, args, state)
+
+    num_frames = args.buffer_frames * vae.temporal_compression
+    transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, num_frames)
+    if accelerator.is_main_process:
+        pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
+                                 guidance_scale=args.guidance_scale)
+        pipe.save_pretrained(out / "pipeline")
+        accelerator.print(f"saved the pipeline to {out / 'pipeline'}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m streamdit.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
+    p.add_argument("--output-dir", default="runs/shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mixed-precision", default="no", help="bf16 on GPUs; never on CPU (bf16 is ~300x slower here)")
+    # autoencoder
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-frames", type=int, default=8)
+    p.add_argument("--vae-crop", type=int, default=64)
+    p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 16, 32, 64])
+    p.add_argument("--latent-channels", type=int, default=8)
+    # DiT
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--buffer-frames", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=2)
+    p.add_argument("--micro-steps", type=int, default=4)
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    if args.stage in ("vae", "all"):
+        train_vae(args)
+    if args.stage in ("dit", "all"):
+        train_dit(args)
+
+
+if __name__ == "__main__":
+    main()
