@@ -44,25 +44,29 @@ class CausalConv3d(nn.Module):
         return self.conv(x)  # (B, C', T / stride, H', W')
 
 
-class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm with statistics per frame: statistics across time would leak the future into the past."""
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over channels at each pixel of each frame, as Wan's VAE does.
+
+    Per pixel and per frame, so nothing leaks across time. Unlike GroupNorm, a uniform frame keeps its colour:
+    per-channel statistics over a frame would map every solid background to the same zeros.
+    """
 
     def __init__(self, channels: int):
-        super().__init__(math.gcd(32, channels), channels)
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = 1e-6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        x = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        x = super().forward(x)  # (B*T, C, H, W)
-        return x.reshape(b, t, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
+        rms = x.square().mean(1, keepdim=True).add(self.eps).rsqrt()  # (B, 1, T, H, W)
+        return x * rms * self.weight[:, None, None, None]  # (B, C, T, H, W)
 
 
 class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kt: int = 3):
         super().__init__()
-        self.norm1 = FrameGroupNorm(in_channels)
+        self.norm1 = ChannelRMSNorm(in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels, (kt, 3, 3))
-        self.norm2 = FrameGroupNorm(out_channels)
+        self.norm2 = ChannelRMSNorm(out_channels)
         self.conv2 = CausalConv3d(out_channels, out_channels, (kt, 3, 3))
         self.skip = nn.Identity() if in_channels == out_channels else CausalConv3d(in_channels, out_channels, (1, 1, 1))
 
@@ -120,7 +124,7 @@ def stages(channels: list, layers_per_block: int, resample, flags: list, kt: int
 
 
 def head(channels: int, out_channels: int, kt: int) -> list:
-    return [FrameGroupNorm(channels), nn.SiLU(), CausalConv3d(channels, out_channels, (kt, 3, 3))]
+    return [ChannelRMSNorm(channels), nn.SiLU(), CausalConv3d(channels, out_channels, (kt, 3, 3))]
 
 
 class StreamDiTAutoencoder(ModelMixin, ConfigMixin):

@@ -58,9 +58,9 @@ def new_vae(args):
     )
 
 
-def new_text_side():
+def new_text_side(width):
     tokenizer = build_tokenizer(VOCABULARY, max_length=32)
-    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=32, hidden_size=128, num_layers=2)
+    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=32, hidden_size=width, num_layers=2)
     return tokenizer, text_encoder
 
 
@@ -160,7 +160,7 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, num_frames):
     progress = tqdm(total=steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process)
     start = time.time()
     while state.step < steps:
-        batch = sample_batch(state.rng, args.batch_size, num_frames)
+        batch = sample_batch(state.rng, args.batch_size, num_frames, args.side)
         batch = (batch[0].to(accelerator.device), *batch[1:])
         loss = loss_fn(trainable, batch, state)
         accelerator.backward(loss)
@@ -195,16 +195,16 @@ def save_checkpoint(accelerator, out, stage, step, keep):
 @torch.no_grad()
 def normalise_latents(vae, args, device):
     """Sets shift and scaling so the latents the DiT sees have zero mean and unit variance (as diffusers' VAEs do)."""
-    videos = sample_batch(np.random.default_rng(args.seed + 1), 32, 16)[0].to(device)
+    videos = sample_batch(np.random.default_rng(args.seed + 1), 32, 16, args.side)[0].to(device)
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
     z = vae.encode(videos)
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae, device, clips=32, seed=12345):
+def reconstruction_psnr(vae, device, side=128, clips=32, seed=12345):
     """PSNR (dB) of the autoencoder on fresh shapes-world clips, pixels in [0, 255]."""
-    videos = sample_batch(np.random.default_rng(seed), clips, 16)[0].to(device)
+    videos = sample_batch(np.random.default_rng(seed), clips, 16, side)[0].to(device)
     recon = vae(videos).clamp(-1, 1)
     mse = ((recon - videos) * 127.5).square().mean().item()
     return 10 * math.log10(255**2 / mse)
@@ -218,7 +218,7 @@ def train_vae(args):
     if accelerator.is_main_process:
         vae.eval()
         normalise_latents(vae, args, accelerator.device)
-        psnr = reconstruction_psnr(vae, accelerator.device)
+        psnr = reconstruction_psnr(vae, accelerator.device, args.side)
         vae.save_pretrained(Path(args.output_dir) / "vae")
         (Path(args.output_dir) / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
         accelerator.print(f"autoencoder PSNR {psnr:.2f} dB")
@@ -229,12 +229,12 @@ def train_dit(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     out = Path(args.output_dir)
     vae = StreamDiTAutoencoder.from_pretrained(out / "vae").to(accelerator.device).eval().requires_grad_(False)
-    tokenizer, text_encoder = new_text_side()
     scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
                                    micro_steps=args.micro_steps, shift=args.shift)
     transformer = from_preset(args.preset, in_channels=args.latent_channels,
-                              sample_size=(args.buffer_frames, 128 // vae.spatial_compression,
-                                           128 // vae.spatial_compression))
+                              sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
+                                           args.side // vae.spatial_compression))
+    tokenizer, text_encoder = new_text_side(transformer.config.text_dim)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
@@ -256,6 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
     p.add_argument("--output-dir", default="runs/shapes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", type=int, default=128, help="frame size; shapes world scales sizes and speeds with it")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=250)

@@ -1,0 +1,258 @@
+"""Evaluate a StreamDiT model on shapes world, from pixels alone.
+
+    python -m streamdit.evaluate --model runs/shapes/pipeline --prompts 100 --seconds 4 --out eval/
+
+The detector reads only the frames (never the generator's ground truth): the background is each frame's median colour,
+the object is what differs from it (found on the torus, so an object straddling an edge is one object), its colour is
+the nearest palette colour, its shape follows from how much of its bounding box it fills (disk ~0.79, square ~1,
+triangle ~0.5), its size from its extent, and its direction and speed from how its centroid moves.
+
+Measures: per-attribute and all-attribute prompt adherence; identity stability (the object keeps colour, shape, size);
+motion smoothness; background flicker; the same in the last 10 s of a 60 s stream against the first 10 s (drift);
+and prompt switching (the new prompt's attributes within 3 s of `set_prompt`).
+"""
+
+import argparse
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import BACKGROUNDS, COLOURS, FPS, SIDE, SIZES, SPEEDS, caption, parse_caption, sample_scene
+
+ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
+_BG = np.array(list(BACKGROUNDS.values()), np.float64)
+_FG = np.array(list(COLOURS.values()), np.float64)
+
+
+def nearest(value, table: dict):
+    names = list(table)
+    values = np.array([table[n] for n in names], np.float64)
+    return names[int(np.argmin(np.abs(values - np.asarray(value, np.float64)).sum(-1)))]
+
+
+def torus_window(occupied):
+    """Shift that moves the largest empty circular gap of a 1-D occupancy to the end, so the object is contiguous."""
+    n = len(occupied)
+    if not occupied.any():
+        return 0
+    empty = ~occupied
+    best_len, best_end, run = 0, 0, 0
+    for i in range(2 * n):  # twice round, to catch a gap that wraps
+        run = run + 1 if empty[i % n] else 0
+        if run > best_len:
+            best_len, best_end = min(run, n), i % n
+    return (best_end + 1) % n  # the first occupied index after the gap
+
+
+@dataclass
+class FrameReading:
+    background: str
+    colour: str | None
+    shape: str | None
+    size: str | None
+    centre: tuple[float, float] | None  # (x, y) on the torus
+
+
+def read_frame(frame: np.ndarray) -> FrameReading:
+    """What one frame shows. frame: uint8 (H, W, 3)."""
+    pixels = frame.reshape(-1, 3).astype(np.float64)
+    background_rgb = np.median(pixels, axis=0)
+    background = nearest(background_rgb, BACKGROUNDS)
+    distance = np.abs(frame.astype(np.float64) - background_rgb).sum(-1)  # (H, W)
+    mask = distance > 60  # at least about half covered by an object colour
+    if mask.sum() < 4:
+        return FrameReading(background, None, None, None, None)
+    side = frame.shape[0]
+    scale = side / SIDE
+    dy, dx = torus_window(mask.any(1)), torus_window(mask.any(0))
+    rolled = np.roll(mask, (-dy, -dx), axis=(0, 1))
+    rows, cols = np.nonzero(rolled)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    core = distance > 0.8 * distance.max()  # fully covered pixels: no anti-aliasing blend
+    colour = nearest(np.median(frame[core].astype(np.float64), axis=0), COLOURS)
+    coverage = np.clip(np.roll(distance, (-dy, -dx), axis=(0, 1)) / max(distance.max(), 1.0), 0, 1)
+    fill = coverage.sum() / (height * width)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    size = "small" if max(height, width) < 28 * scale else "large"
+    centre_y = (rows.mean() + dy) % side / scale  # in pixels at side 128
+    centre_x = (cols.mean() + dx) % side / scale
+    return FrameReading(background, colour, shape, size, (centre_x, centre_y))
+
+
+def majority(values):
+    values = [v for v in values if v is not None]
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def wrapped_steps(centres):
+    """Per-frame centroid displacement (dx, dy), wrapped to the torus."""
+    c = np.array(centres, np.float64)
+    return (np.diff(c, axis=0) + SIDE / 2) % SIDE - SIDE / 2
+
+
+def read_video(frames: np.ndarray) -> dict:
+    """The attributes a clip shows, and how steadily it shows them. frames: uint8 (T, H, W, 3)."""
+    readings = [read_frame(f) for f in frames]
+    seen = [r for r in readings if r.centre is not None]
+    result = {name: majority(getattr(r, name) for r in readings) for name in ("colour", "shape", "size", "background")}
+    result["direction"] = result["speed"] = None
+    result["smoothness"] = 0.0
+    if len(seen) >= 2:
+        steps = wrapped_steps([r.centre for r in seen])  # (T-1, 2)
+        mean = steps.mean(0)
+        axis = int(np.argmax(np.abs(mean)))
+        result["direction"] = (("left", "right"), ("up", "down"))[axis][int(mean[axis] > 0)]
+        result["speed"] = min(SPEEDS, key=lambda s: abs(SPEEDS[s] - abs(mean[axis])))
+        # smooth: each frame moves within 1 px of the clip's mean velocity
+        result["smoothness"] = float((np.abs(steps - mean).max(1) <= 1.0).mean())
+    identity = [r for r in seen]
+    result["identity"] = float(np.mean([
+        (r.colour, r.shape, r.size) == (result["colour"], result["shape"], result["size"]) for r in identity
+    ])) if identity else 0.0
+    result["object_frames"] = len(seen) / len(readings)
+    result["flicker"] = float(np.mean([r.background != result["background"] for r in readings]))
+    return result
+
+
+def adherence(reading: dict, prompt: str) -> dict:
+    """For each attribute the prompt states: does the video show it?"""
+    stated = parse_caption(prompt)
+    return {name: reading[name] == value for name, value in stated.items()}
+
+
+def random_prompts(count, seed):
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng), rng) for _ in range(count)]
+
+
+def stream_frames(pipe, prompt, seconds, seed, switch=None, **options):
+    """Streams `seconds` of video; `switch=(second, prompt)` calls set_prompt once the stream reaches that second."""
+    stream = pipe.stream(prompt, generator=torch.Generator().manual_seed(seed), **options)
+    frames, target = [], int(seconds * FPS)
+    start = time.perf_counter()
+    for chunk in stream:
+        frames.append(chunk.frames)
+        done = sum(len(f) for f in frames)
+        if switch is not None and done >= switch[0] * FPS:
+            stream.set_prompt(switch[1])
+            switch = None
+        if done >= target:
+            break
+    stream.close()
+    return np.concatenate(frames)[:target], time.perf_counter() - start
+
+
+def evaluate_adherence(pipe, prompts, seconds, seed, **options):
+    rows, samples = [], []
+    for i, prompt in enumerate(prompts):
+        frames, _ = stream_frames(pipe, prompt, seconds, seed + i, **options)
+        reading = read_video(frames[FPS // 2 :])  # from half a second in: the start-up chunk is settling
+        rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
+        samples.append(frames)
+    return rows, samples
+
+
+def summarise(rows):
+    per_attribute = {}
+    for name in ATTRIBUTES:
+        judged = [r["adherence"][name] for r in rows if name in r["adherence"]]
+        per_attribute[name] = float(np.mean(judged)) if judged else float("nan")
+    return {
+        "all_attributes": float(np.mean([all(r["adherence"].values()) for r in rows])),
+        **{f"adherence_{k}": v for k, v in per_attribute.items()},
+        "identity": float(np.mean([r["reading"]["identity"] for r in rows])),
+        "smoothness": float(np.mean([r["reading"]["smoothness"] for r in rows])),
+        "flicker": float(np.mean([r["reading"]["flicker"] for r in rows])),
+    }
+
+
+def evaluate_drift(pipe, prompts, seed, seconds=60, window=10, **options):
+    """The same measures over the first and the last `window` seconds of `seconds`-long streams."""
+    first, last = [], []
+    for i, prompt in enumerate(prompts):
+        frames, _ = stream_frames(pipe, prompt, seconds, seed + i, **options)
+        for rows, clip in ((first, frames[: window * FPS]), (last, frames[-window * FPS :])):
+            reading = read_video(clip)
+            rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
+    return summarise(first), summarise(last)
+
+
+def evaluate_switching(pipe, pairs, seed, before=4.0, within=3.0, **options):
+    """A switch succeeds when the second after `within` - 1 .. `within` s past set_prompt shows the new prompt."""
+    successes = []
+    for i, (old, new) in enumerate(pairs):
+        frames, _ = stream_frames(pipe, old, before + within, seed + i, switch=(before, new), **options)
+        window = frames[int((before + within - 1) * FPS) : int((before + within) * FPS)]
+        successes.append(all(adherence(read_video(window), new).values()))
+    return float(np.mean(successes))
+
+
+def save_gif_grid(samples, prompts, path, columns=4, seconds=3):
+    from PIL import Image
+
+    clips = [s[: seconds * FPS] for s in samples[: columns * 2]]
+    length = min(len(c) for c in clips)
+    rows = [np.concatenate([c[:length] for c in clips[r : r + columns]], axis=2) for r in range(0, len(clips), columns)]
+    rows = [r for r in rows if r.shape[2] == rows[0].shape[2]]
+    grid = np.concatenate(rows, axis=1)  # (T, rows*H, columns*W, 3)
+    images = [Image.fromarray(f) for f in grid]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / FPS), loop=0)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| measure | value |", "|---|---:|"]
+    for key, value in results.items():
+        lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from .pipeline import StreamDiTPipeline
+
+    p = argparse.ArgumentParser(prog="python -m streamdit.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: streamdit.DEFAULT_MODEL)")
+    p.add_argument("--prompts", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--drift-prompts", type=int, default=5)
+    p.add_argument("--drift-seconds", type=int, default=60)
+    p.add_argument("--switches", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--micro-steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--out", default="eval")
+    args = p.parse_args(argv)
+    if args.model is None:
+        from . import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    pipe = StreamDiTPipeline.from_pretrained(args.model)
+    options = {k: v for k, v in dict(chunk_size=args.chunk_size, micro_steps=args.micro_steps,
+                                      guidance_scale=args.guidance_scale).items() if v is not None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = random_prompts(args.prompts, args.seed)
+    rows, samples = evaluate_adherence(pipe, prompts, args.seconds, args.seed, **options)
+    results = {"model": args.model, "prompts": len(prompts), **summarise(rows)}
+    if args.drift_prompts:
+        first, last = evaluate_drift(pipe, prompts[: args.drift_prompts], args.seed, args.drift_seconds, **options)
+        results |= {"drift_first10s_all_attributes": first["all_attributes"],
+                    "drift_last10s_all_attributes": last["all_attributes"],
+                    "drift_last10s_identity": last["identity"], "drift_last10s_flicker": last["flicker"]}
+    if args.switches:
+        new = random_prompts(args.switches, args.seed + 1)
+        results["switching"] = evaluate_switching(pipe, list(zip(prompts, new)), args.seed, **options)
+    (out / "results.md").write_text(markdown(results) + "\n")
+    (out / "results.json").write_text(json.dumps({"results": results, "rows": rows}, indent=1, default=str))
+    save_gif_grid(samples, prompts, out / "samples.gif")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The pixel detector: it must read the generator's own videos correctly and reject captions they do not match."""
+
+import numpy as np
+import pytest
+
+from streamdit.data import SIDE, Scene, caption, render, sample_scene
+from streamdit.evaluate import adherence, read_video, summarise
+
+
+def test_detector_scores_generator_videos_at_100_percent():
+    rng = np.random.default_rng(7)
+    rows = []
+    for _ in range(60):
+        scene = sample_scene(rng)
+        prompt = caption(scene, rng)
+        reading = read_video(render(scene, 24))
+        rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
+    result = summarise(rows)
+    assert result["all_attributes"] == 1.0
+    assert result["identity"] == 1.0 and result["smoothness"] == 1.0 and result["flicker"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "wrong, attribute",
+    [
+        ("a large blue square moving right on a black background", "colour"),
+        ("a large red circle moving right on a black background", "shape"),
+        ("a small red square moving right on a black background", "size"),
+        ("a large red square moving up on a black background", "direction"),
+        ("a large red square moving right quickly on a black background", "speed"),
+        ("a large red square moving right on a white background", "background"),
+    ],
+)
+def test_detector_rejects_mismatched_captions(wrong, attribute):
+    scene = Scene("red", "square", "large", "right", "normal", "black", 30.0, 100.0)
+    reading = read_video(render(scene, 24))
+    assert all(adherence(reading, caption(scene, omit=0)).values())
+    judged = adherence(reading, wrong)
+    assert not judged[attribute] and all(v for k, v in judged.items() if k != attribute)
+
+
+def test_detector_follows_an_object_across_the_torus_edge():
+    scene = Scene("green", "triangle", "small", "left", "quickly", "gray", 5.0, 126.0)  # straddles two edges
+    reading = read_video(render(scene, 24))
+    assert (reading["shape"], reading["direction"], reading["speed"]) == ("triangle", "left", "quickly")
+
+
+def test_detector_sees_flicker_and_identity_loss():
+    a = render(Scene("red", "square", "large", "right", "normal", "black", 60.0, 60.0), 12)
+    b = render(Scene("blue", "circle", "small", "right", "normal", "white", 84.0, 60.0), 12, start=12)
+    reading = read_video(np.concatenate([a, b[:4], a[:8]]))  # identity and background change mid-clip
+    assert reading["identity"] == pytest.approx(20 / 24) and reading["flicker"] == pytest.approx(4 / 24)
+    blank = np.zeros((8, SIDE, SIDE, 3), np.uint8)
+    assert read_video(blank)["colour"] is None and read_video(blank)["object_frames"] == 0
