@@ -1,12 +1,18 @@
 """StreamDiT: real-time streaming text-to-video (Kodaira et al., arXiv 2507.03745) as a diffusers-style library."""
 
+from pathlib import Path
+
 from .autoencoder import StreamDiTAutoencoder
 from .pipeline import StreamChunk, StreamDiTPipeline, StreamDiTPipelineOutput, StreamDiTStream, StreamState
 from .scheduler import Partition, StreamBuffer, StreamDiTScheduler
 from .text import StreamDiTTextEncoder, build_tokenizer
 from .transformer import PRESETS, StreamDiTTransformer3DModel, from_preset
 
+# The built-in model, trained on shapes world and shipped inside the package: works offline on a fresh clone.
+DEFAULT_MODEL = str(Path(__file__).parent / "models" / "shapes-world")
+
 __all__ = [
+    "DEFAULT_MODEL",
     "PRESETS",
     "Partition",
     "StreamBuffer",

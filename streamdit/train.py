@@ -282,11 +282,15 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the pipeline from the newest DiT checkpoint's EMA weights without training")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_only:
+        args.stage, args.steps = "dit", 0  # the loop is skipped; run_stage still loads, applies EMA and saves
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     if args.stage in ("vae", "all"):

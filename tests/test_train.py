@@ -46,13 +46,26 @@ def test_training_exports_a_loadable_pipeline(run):
 
 
 def test_resume_continues_from_the_saved_step(run, tmp_path):
-    # an interrupted run: 20 steps then stop (a checkpoint at 20); then the same command asked for 30 steps
+    # an interrupted run: 4 steps then stop (a checkpoint at 4); then the same command asked for 6 steps
     out = tmp_path / "resumed"
     (out / "vae").parent.mkdir(parents=True)
     import shutil
 
     shutil.copytree(run / "vae", out / "vae")
-    main(["--stage", "dit", "--output-dir", str(out), "--steps", "20", "--checkpoint-every", "10", *TINY])
-    main(["--stage", "dit", "--output-dir", str(out), "--steps", "30", "--checkpoint-every", "10", *TINY])
-    assert steps(out / "dit-loss.csv") == list(range(1, 31))  # 21 .. 30 after the restart, nothing repeated
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["dit-20", "dit-30"]
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "4", "--checkpoint-every", "2", *TINY])
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "6", "--checkpoint-every", "2", *TINY])
+    assert steps(out / "dit-loss.csv") == list(range(1, 7))  # 5, 6 after the restart, nothing repeated
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["dit-4", "dit-6"]  # older ones pruned
+
+
+def test_export_only_then_evaluate(run, tmp_path):
+    from streamdit import evaluate
+
+    main(["--export-only", "--output-dir", str(run), *TINY])  # the newest checkpoint's EMA weights, no training
+    assert steps(run / "dit-loss.csv")[-1] == 30  # nothing trained
+    evaluate.main(["--model", str(run / "pipeline"), "--prompts", "2", "--seconds", "1", "--drift-prompts", "1",
+                   "--drift-seconds", "2", "--switches", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    for measure in ("all_attributes", "adherence_colour", "identity", "drift_last10s_all_attributes", "switching"):
+        assert f"| {measure} |" in table
+    assert (tmp_path / "samples.gif").stat().st_size > 0

@@ -1,0 +1,61 @@
+"""Follow a prompt schedule in one stream: switch prompts at given seconds, the video never restarts.
+
+    python examples/switch_prompts.py "0: a red circle moving right | 4: a blue square moving up | 8: a green triangle moving left" --seconds 12
+"""
+
+import argparse
+
+import torch
+
+import streamdit
+from streamdit import StreamDiTPipeline
+from streamdit.data import FPS
+from streamdit.video import VideoWriter
+
+
+def parse_schedule(text: str) -> list[tuple[float, str]]:
+    """"0: prompt | 4: other prompt" -> [(0.0, "prompt"), (4.0, "other prompt")], sorted; ValueError if malformed."""
+    schedule = []
+    for part in text.split("|"):
+        second, sep, prompt = part.partition(":")
+        try:
+            second = float(second)
+        except ValueError:
+            second = None
+        if not sep or second is None or second < 0 or not prompt.strip():
+            raise ValueError(f"schedule entry {part.strip()!r} is not 'SECONDS: prompt'")
+        schedule.append((second, prompt.strip()))
+    schedule.sort()
+    if schedule[0][0] != 0:
+        raise ValueError(f"the schedule must start at 0 s, not {schedule[0][0]} s")
+    return schedule
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("schedule")
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--out", default="switch.mp4")
+    parser.add_argument("--model", default=streamdit.DEFAULT_MODEL)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    schedule = parse_schedule(args.schedule)
+    pipe = StreamDiTPipeline.from_pretrained(args.model)
+    stream = pipe.stream(schedule[0][1], generator=torch.Generator().manual_seed(args.seed))
+    upcoming, frames = schedule[1:], 0
+    with VideoWriter(args.out, fps=FPS) as writer:
+        for chunk in stream:
+            writer.write(chunk.frames)
+            frames += len(chunk.frames)
+            while upcoming and frames >= upcoming[0][0] * FPS:
+                print(f"{frames / FPS:5.1f} s: {upcoming[0][1]}")
+                stream.set_prompt(upcoming.pop(0)[1])
+            if frames >= args.seconds * FPS:
+                break
+    stream.close()
+    print(f"wrote {frames / FPS:.1f} s to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
