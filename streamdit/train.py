@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .autoencoder import StreamDiTAutoencoder
-from .data import VOCABULARY, sample_batch
+from .data import VOCABULARY, caption, sample_batch
 from .pipeline import StreamDiTPipeline
 from .scheduler import StreamDiTScheduler
 from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
@@ -94,11 +94,9 @@ def vae_loss(vae, batch, args, rng):
 
 def dit_loss(models, batch, args, state):
     """Eq. 5 with a mixed partition: X_tau per frame, target V = X1 - (1 - sigma_min) X0."""
-    transformer, text_encoder, vae, tokenizer, scheduler = models
-    video, captions = batch[0], batch[1]
+    transformer, text_encoder, tokenizer, scheduler = models
+    x1, captions = batch  # (b, C, F, H, W) latents of unit variance
     captions = ["" if state.rng.random() < args.caption_dropout else c for c in captions]
-    with torch.no_grad():
-        x1 = vae.encode(video)  # (b, C, F, H, W), unit variance
     partitions = scheduler.training_partitions()
     partition = partitions[state.rng.integers(len(partitions))]
     generator = torch.Generator().manual_seed(int(state.rng.integers(2**62)))
@@ -108,6 +106,41 @@ def dit_loss(models, batch, args, state):
     text = text_encoder(ids.to(x1.device), mask.to(x1.device))
     velocity = transformer(scheduler.add_noise(x1, noise, tau), tau, text, mask.to(x1.device)).sample
     return F.mse_loss(velocity.float(), scheduler.velocity(x1, noise))
+
+
+class LatentPool:
+    """Encoded shapes-world clips kept in memory and refreshed a few per step.
+
+    Encoding a clip costs about as much as a DiT training step on it, so each encoded clip serves several samples:
+    different buffer-long windows of it, with captions that leave out different optional words. The pool is not
+    checkpointed; a resumed run refills it.
+    """
+
+    def __init__(self, vae, size, clip_frames, side):
+        self.vae, self.size, self.clip_frames, self.side = vae, size, clip_frames, side
+        self.latents, self.scenes = None, []  # (size, C, F_clip, h, w) on the vae's device; one Scene per clip
+
+    @torch.no_grad()
+    def encode(self, rng, count):
+        videos, _, scenes = sample_batch(rng, count, self.clip_frames, self.side)
+        return self.vae.encode(videos.to(self.vae.device)), scenes
+
+    def refresh(self, rng, count):
+        if self.latents is None:  # fill it, a batch of clips at a time
+            parts = [self.encode(rng, min(32, self.size - i)) for i in range(0, self.size, 32)]
+            self.latents = torch.cat([p[0] for p in parts])
+            self.scenes = [s for p in parts for s in p[1]]
+            return
+        fresh, scenes = self.encode(rng, count)
+        for slot, latents, scene in zip(rng.choice(self.size, count, replace=False), fresh, scenes):
+            self.latents[slot], self.scenes[slot] = latents, scene
+
+    def sample(self, rng, batch_size, frames):
+        """-> latents (b, C, frames, h, w) and captions, from random clips and random windows in them."""
+        clips = rng.integers(self.size, size=batch_size)
+        starts = rng.integers(self.latents.shape[2] - frames + 1, size=batch_size)
+        latents = torch.stack([self.latents[c, :, s : s + frames] for c, s in zip(clips, starts)])
+        return latents, [caption(self.scenes[c], rng) for c in clips]
 
 
 def latest_checkpoint(folder: Path, stage: str):
@@ -136,7 +169,7 @@ def plot_loss(csv_path: Path):
     plt.close(fig)
 
 
-def run_stage(stage, args, accelerator, trainable, loss_fn, num_frames):
+def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch):
     """The shared loop: AdamW with warm-up, EMA, gradient clipping, checkpoints every --checkpoint-every steps."""
     out = Path(args.output_dir)
     params = [p for m in trainable for p in m.parameters()]
@@ -160,9 +193,7 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, num_frames):
     progress = tqdm(total=steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process)
     start = time.time()
     while state.step < steps:
-        batch = sample_batch(state.rng, args.batch_size, num_frames, args.side)
-        batch = (batch[0].to(accelerator.device), *batch[1:])
-        loss = loss_fn(trainable, batch, state)
+        loss = loss_fn(trainable, make_batch(state), state)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -213,8 +244,12 @@ def reconstruction_psnr(vae, device, side=128, clips=32, seed=12345):
 def train_vae(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
     vae = new_vae(args)
+    def make_batch(state):
+        videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
+        return videos.to(accelerator.device), captions, scenes
+
     loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
-    (vae,) = run_stage("vae", args, accelerator, [vae], loss, args.vae_frames)
+    (vae,) = run_stage("vae", args, accelerator, [vae], loss, make_batch)
     if accelerator.is_main_process:
         vae.eval()
         normalise_latents(vae, args, accelerator.device)
@@ -239,10 +274,15 @@ def train_dit(args):
         transformer.enable_gradient_checkpointing()
 
     def loss(trainable, batch, state):
-        return dit_loss((trainable[0], trainable[1], vae, tokenizer, scheduler), batch, args, state)
+        return dit_loss((trainable[0], trainable[1], tokenizer, scheduler), batch, args, state)
 
-    num_frames = args.buffer_frames * vae.temporal_compression
-    transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, num_frames)
+    pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side)
+
+    def make_batch(state):
+        pool.refresh(state.rng, args.pool_refresh)
+        return pool.sample(state.rng, args.batch_size, args.buffer_frames)
+
+    transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, make_batch)
     if accelerator.is_main_process:
         pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
                                  guidance_scale=args.guidance_scale)
@@ -282,6 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--pool-size", type=int, default=512, help="encoded clips kept in memory")
+    p.add_argument("--pool-clip-frames", type=int, default=16, help="latent frames per pooled clip")
+    p.add_argument("--pool-refresh", type=int, default=3, help="pooled clips replaced by fresh ones each step")
     p.add_argument("--export-only", action="store_true",
                    help="write the pipeline from the newest DiT checkpoint's EMA weights without training")
     return p.parse_args(argv)

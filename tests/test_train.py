@@ -10,7 +10,8 @@ from streamdit.train import main
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
-        "--chunk-size", "2", "--micro-steps", "2", "--lr", "3e-3", "--vae-lr", "3e-3"]
+        "--chunk-size", "2", "--micro-steps", "2", "--lr", "3e-3", "--vae-lr", "3e-3",
+        "--pool-size", "16", "--pool-clip-frames", "8", "--pool-refresh", "2"]
 
 
 def losses(path):
