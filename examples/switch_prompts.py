@@ -9,26 +9,9 @@ import torch
 
 import streamdit
 from streamdit import StreamDiTPipeline
+from streamdit.pipeline import parse_prompt_schedule
 from streamdit.data import FPS
 from streamdit.video import VideoWriter
-
-
-def parse_schedule(text: str) -> list[tuple[float, str]]:
-    """"0: prompt | 4: other prompt" -> [(0.0, "prompt"), (4.0, "other prompt")], sorted; ValueError if malformed."""
-    schedule = []
-    for part in text.split("|"):
-        second, sep, prompt = part.partition(":")
-        try:
-            second = float(second)
-        except ValueError:
-            second = None
-        if not sep or second is None or second < 0 or not prompt.strip():
-            raise ValueError(f"schedule entry {part.strip()!r} is not 'SECONDS: prompt'")
-        schedule.append((second, prompt.strip()))
-    schedule.sort()
-    if schedule[0][0] != 0:
-        raise ValueError(f"the schedule must start at 0 s, not {schedule[0][0]} s")
-    return schedule
 
 
 def main():
@@ -40,7 +23,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    schedule = parse_schedule(args.schedule)
+    schedule = parse_prompt_schedule(args.schedule)
     pipe = StreamDiTPipeline.from_pretrained(args.model)
     stream = pipe.stream(schedule[0][1], generator=torch.Generator().manual_seed(args.seed))
     upcoming, frames = schedule[1:], 0

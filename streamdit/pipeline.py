@@ -552,3 +552,25 @@ class StreamDiTStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def parse_prompt_schedule(text: str) -> list[tuple[float, str]]:
+    """"0: a red circle moving left | 4: a blue square moving up" -> [(0.0, ...), (4.0, ...)], in time order.
+
+    Seconds of video at which each prompt takes over; the first must be at 0. ValueError names a malformed entry.
+    """
+    schedule = []
+    for part in text.split("|"):
+        second, sep, prompt = part.partition(":")
+        try:
+            second = float(second)
+        except ValueError:
+            second = None
+        if not sep or second is None or not 0 <= second < float("inf") or not prompt.strip():
+            raise ValueError(f"prompt schedule entry {part.strip()!r} is not 'SECONDS: prompt'")
+        schedule.append((second, prompt.strip()))
+    schedule.sort(key=lambda entry: entry[0])
+    if schedule[0][0] != 0:
+        raise ValueError(f"a prompt schedule must start at 0 s, not at {schedule[0][0]:g} s")
+    return schedule
+

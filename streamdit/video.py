@@ -11,8 +11,9 @@ class VideoWriter:
     """Writes uint8 frames (H, W, 3), or arrays of them (f, H, W, 3), to an H.264 file; timestamps continue across
     `write` calls, so a stream can be appended chunk by chunk. Odd sizes are padded to even (yuv420p needs it)."""
 
-    def __init__(self, path, fps: int = 16, format: str | None = None, crf: int = 18):
-        self.path, self.fps = Path(path), fps
+    def __init__(self, path, fps: int = 16, format: str | None = None, crf: int = 18, start_frame: int = 0):
+        # start_frame: the first frame's timestamp, so consecutive segments of one stream continue each other's clock
+        self.path, self.fps, self.start_frame = Path(path), fps, start_frame
         self.container = av.open(str(path), mode="w", format=format)
         self.stream = self.container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "veryfast"})
         self.stream.pix_fmt = "yuv420p"
@@ -30,7 +31,7 @@ class VideoWriter:
             self.stream.height, self.stream.width = frames.shape[1:3]
         for frame in frames:
             packet_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            packet_frame.pts = self.frames
+            packet_frame.pts = self.start_frame + self.frames
             self.container.mux(self.stream.encode(packet_frame))
             self.frames += 1
 

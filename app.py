@@ -1,0 +1,289 @@
+"""StreamDiT Space: type a prompt and watch the video being generated while it plays; change the prompt mid-stream,
+restyle an uploaded clip, stop whenever you like. Also an API for gradio_client (`/stream`, `/generate`, `/restyle`).
+
+    python app.py                          # the built-in shapes-world model, no network needed
+    python app.py --model path/or/hub-id   # or STREAMDIT_MODEL=... python app.py
+
+GPU: each call to `next_chunk` is one `@spaces.GPU` call that gets and returns the picklable stream state, so the same
+code runs on a CPU machine, a dedicated GPU and ZeroGPU (where every GPU call runs in a separate process and would not
+see a prompt changed after it started: the plain generator around it reads the latest prompt between calls).
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import spaces
+import torch
+
+import streamdit
+from streamdit import StreamDiTPipeline
+from streamdit.data import FPS
+from streamdit.pipeline import parse_prompt_schedule
+from streamdit.video import VideoWriter, read_video
+
+SEGMENT_SECONDS = 1.0  # length of each MPEG-TS segment sent to the player
+MAX_SECONDS = 600  # the longest stream a visitor can ask for
+EXAMPLES = Path(__file__).parent / "examples" / "prompts.txt"
+
+
+def model_source() -> str:
+    """--model, else $STREAMDIT_MODEL, else the built-in model shipped in the package."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default=None)
+    known, _ = parser.parse_known_args()
+    return known.model or os.environ.get("STREAMDIT_MODEL") or streamdit.DEFAULT_MODEL
+
+
+DEVICE = "cuda" if torch.cuda.is_available() or os.environ.get("SPACES_ZERO_GPU") else "cpu"
+PIPE = StreamDiTPipeline.from_pretrained(model_source()).to(DEVICE)  # loaded once, shared by every visitor
+PIPE.set_progress_bar_config(disable=True)
+BUFFER = PIPE.scheduler.config.buffer_frames - PIPE.scheduler.config.reference_frames
+CHUNK_SIZES = [c for c in range(1, BUFFER + 1) if BUFFER % c == 0]
+
+
+@spaces.GPU(duration=30)
+def next_chunk(state):
+    """One GPU call: micro steps until the buffer releases a chunk, then its decoded frames. State in, state out."""
+    state, chunk = PIPE.next_chunk(state)
+    return state.to("cpu"), chunk
+
+
+# Input checks: every bad value becomes a gr.Error that names it, never a stack trace.
+
+
+def check_prompt(prompt):
+    try:
+        PIPE.check_prompt(prompt)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return prompt.strip()
+
+
+def check_number(name, value, low, high, integer=False):
+    if value is None or not low <= value <= high or (integer and int(value) != value):
+        kind = "an integer" if integer else "a number"
+        raise gr.Error(f"{name}={value!r} must be {kind} from {low} to {high}")
+    return int(value) if integer else float(value)
+
+
+def check_schedule(prompt, schedule):
+    """The prompt schedule, or the single prompt from 0 s."""
+    if not schedule or not schedule.strip():
+        return [(0.0, check_prompt(prompt))]
+    try:
+        entries = parse_prompt_schedule(schedule)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return [(second, check_prompt(text)) for second, text in entries]
+
+
+def stream_options(chunk_size, micro_steps, guidance_scale):
+    if chunk_size not in CHUNK_SIZES:
+        raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {BUFFER} frames: one of {CHUNK_SIZES}")
+    return dict(
+        chunk_size=int(chunk_size),
+        micro_steps=check_number("micro_steps", micro_steps, 1, 64, integer=True),
+        guidance_scale=check_number("guidance_scale", guidance_scale, 1.0, 20.0),
+    )
+
+
+def status_line(frames, started, first_frame, prompt):
+    elapsed = time.perf_counter() - started
+    unknown = PIPE.unknown_words(prompt)
+    parts = [
+        f"**{frames} frames** ({frames / FPS:.1f} s)",
+        f"generating at **{frames / elapsed:.1f} fps** (playback {FPS} fps)",
+        f"first frame after {first_frame:.2f} s" if first_frame is not None else "starting",
+        f"prompt: *{prompt}*",
+    ]
+    if unknown:
+        parts.append(f"words the model does not know (ignored): **{', '.join(unknown)}**")
+    return " · ".join(parts)
+
+
+def chunks(state, schedule, max_seconds, live):
+    """Yields (frames, prompt, status) chunk by chunk until max_seconds, following the prompt schedule (API users)
+    and the latest "Update prompt" (UI), both read between GPU calls."""
+    started, first_frame, frames = time.perf_counter(), None, 0
+    prompt, upcoming = schedule[0][1], list(schedule[1:])
+    while frames < max_seconds * FPS and not state.finished:
+        while upcoming and frames >= upcoming[0][0] * FPS:
+            prompt = upcoming.pop(0)[1]
+            state.set_prompt(prompt)
+        if live is not None and live.get("prompt") and live["prompt"] != prompt:
+            prompt = live["prompt"]
+            state.set_prompt(prompt)
+        state, chunk = next_chunk(state)
+        first_frame = first_frame or time.perf_counter() - started
+        out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
+        frames += len(out)
+        yield out, status_line(frames, started, first_frame, prompt)
+
+
+def segments(chunk_stream):
+    """Groups chunks into MPEG-TS segments of about SEGMENT_SECONDS and yields (segment path, status).
+
+    Each stream writes into its own temporary folder; a segment is deleted once the player has taken it (Gradio reads
+    it when it is yielded) and the folder goes when the stream ends, stops or is cancelled: disk use stays bounded.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="streamdit-"))
+    name, written, pending, previous, status = uuid.uuid4().hex[:8], 0, [], None, ""
+    try:
+        for frames, status in chunk_stream:
+            pending.append(frames)
+            if sum(len(p) for p in pending) >= SEGMENT_SECONDS * FPS:
+                path = write_segment(folder, name, written, pending)
+                written += sum(len(p) for p in pending)
+                pending = []
+                yield str(path), status
+                if previous is not None:
+                    previous.unlink(missing_ok=True)
+                previous = path
+        if sum(len(p) for p in pending):
+            yield str(write_segment(folder, name, written, pending)), status
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_segment(folder, name, start_frame, pending):
+    path = folder / f"{name}-{start_frame:07d}.ts"
+    with VideoWriter(path, fps=FPS, format="mpegts", start_frame=start_frame) as writer:  # continuous timestamps
+        writer.write(np.concatenate(pending))
+    return path
+
+
+def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, live):
+    """Checks the inputs and prepares the stream state; returns it with the schedule."""
+    schedule = check_schedule(prompt, schedule)
+    seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale))
+    if live is not None:
+        live["prompt"] = schedule[0][1]
+    return PIPE.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
+
+
+def stream(prompt, seed=0, schedule="", max_seconds=30, chunk_size=None, micro_steps=None, guidance_scale=None,
+           live=None):
+    """Streams video for `prompt` (or a prompt schedule "0: ... | 4: ..."), about one MPEG-TS segment per second."""
+    max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
+    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, live)
+    yield from segments(chunks(state, schedule, max_seconds, live))
+
+
+def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_steps=None, guidance_scale=None):
+    """A finished .mp4 of `seconds` seconds (a prompt schedule applies here too)."""
+    seconds = check_number("seconds", seconds, 1, 120)
+    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, None)
+    path = Path(tempfile.mkdtemp(prefix="streamdit-")) / f"{uuid.uuid4().hex[:8]}.mp4"
+    with VideoWriter(path, fps=FPS) as writer:
+        for frames, _ in chunks(state, schedule, seconds, None):
+            writer.write(frames)
+    return str(path)
+
+
+def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
+    """Video-to-video: the uploaded clip restyled by `prompt` (SDEdit-style noising to `strength`), streamed back."""
+    if not video:
+        raise gr.Error("upload a video to restyle")
+    prompt = check_prompt(prompt)
+    strength = check_number("strength", strength, 0.05, 1.0)
+    seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
+    try:
+        frames = read_video(video)[: int(max_seconds * FPS)]
+    except Exception as error:  # anything PyAV cannot decode
+        raise gr.Error(f"could not read the uploaded video: {error}") from None
+    if live is not None:
+        live["prompt"] = prompt
+    state = PIPE.prepare_stream(prompt, video=frames, strength=strength, generator=torch.Generator().manual_seed(seed))
+    yield from segments(chunks(state, [(0.0, prompt)], max_seconds, live))
+
+
+def defaults(chunk_size, micro_steps, guidance_scale):
+    """The model's own stream defaults (stored with it) where the caller gave none."""
+    config = PIPE.scheduler.config
+    return (
+        config.chunk_size if chunk_size is None else chunk_size,
+        config.micro_steps if micro_steps is None else micro_steps,
+        PIPE.config.guidance_scale if guidance_scale is None else guidance_scale,
+    )
+
+
+def update_prompt(prompt, live):
+    live["prompt"] = check_prompt(prompt)
+    return live
+
+
+def build_demo():
+    chunk_default, micro_default, guidance_default = defaults(None, None, None)
+    examples = [line.strip() for line in EXAMPLES.read_text().splitlines() if line.strip()]
+    with gr.Blocks(title="StreamDiT: real-time streaming text-to-video") as demo:
+        gr.Markdown(
+            "# StreamDiT: real-time streaming text-to-video\n"
+            "An open implementation of [StreamDiT](https://arxiv.org/abs/2507.03745). The video is generated while it "
+            "plays, chunk by chunk; change the prompt at any time and the stream follows without restarting. The "
+            "built-in model knows a small *shapes world*: `a [small|large] {red|green|blue|yellow|purple|orange} "
+            "{circle|square|triangle} moving {left|right|up|down} [slowly|quickly] [on a {black|white|gray} "
+            "background]`."
+        )
+        live = gr.State({})  # per visitor: the prompt the running stream should follow
+        with gr.Tab("Text to video"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value=examples[0], max_lines=2)
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary")
+                        update = gr.Button("Update prompt")
+                        stop = gr.Button("Stop", variant="stop")
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+                    with gr.Accordion("Advanced", open=False):
+                        chunk = gr.Dropdown(CHUNK_SIZES, value=chunk_default, label="Chunk size (latent frames)")
+                        micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk")
+                        guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
+                        seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
+                        schedule = gr.Textbox("", label="Prompt schedule (overrides the prompt)",
+                                              placeholder="0: a red circle moving left | 4: a blue square moving up")
+                with gr.Column():
+                    video = gr.Video(label="Live stream", streaming=True, autoplay=True, elem_id="stream")
+                    status = gr.Markdown()
+            gr.Examples(examples, inputs=prompt)
+        with gr.Tab("Video to video"):
+            with gr.Row():
+                with gr.Column():
+                    source = gr.Video(label="Clip to restyle", sources=["upload"])
+                    v2v_prompt = gr.Textbox(label="Prompt", value="a large yellow circle moving right")
+                    strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the clip)")
+                    with gr.Row():
+                        v2v_start = gr.Button("Restyle", variant="primary")
+                        v2v_stop = gr.Button("Stop", variant="stop")
+                with gr.Column():
+                    v2v_video = gr.Video(label="Restyled stream", streaming=True, autoplay=True)
+                    v2v_status = gr.Markdown()
+        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, live],
+                              [video, status], api_name="stream")
+        update.click(update_prompt, [prompt, live], live, api_name=False)
+        prompt.submit(update_prompt, [prompt, live], live, api_name=False)
+        stop.click(None, cancels=[started])
+        restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, live],
+                                   [v2v_video, v2v_status], api_name="restyle")
+        v2v_stop.click(None, cancels=[restyled])
+        with gr.Group(visible=False):  # /generate is for API users: a finished .mp4 of a given length
+            clip_seconds = gr.Number(value=4, label="seconds")
+            clip = gr.Video(label="clip")
+            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance], clip,
+                                        api_name="generate")
+    return demo
+
+
+demo = build_demo()
+demo.queue(default_concurrency_limit=2, max_size=16)
+
+if __name__ == "__main__":
+    demo.launch()
