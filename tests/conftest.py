@@ -11,9 +11,7 @@ from streamdit import (
     build_tokenizer,
     from_preset,
 )
-
-VOCABULARY = ["a", "red", "blue", "green", "circle", "square", "moving", "left", "right", "on", "black", "background"]
-
+from streamdit.data import VOCABULARY
 
 def randomize_zeros(model, seed=0):
     """adaLN-Zero starts every block as the identity and the output at zero velocity, which would make equivalence
@@ -29,8 +27,9 @@ def randomize_zeros(model, seed=0):
 def tiny_pipeline(seed=0, **scheduler_options):
     """16x16 video, 4x temporal and 4x spatial vae, 8-frame buffer of 4x4x4 latents, chunk 2, 2 micro steps."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(VOCABULARY, max_length=8)
-    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=8, hidden_size=16, num_layers=1, num_heads=2)
+    tokenizer = build_tokenizer(VOCABULARY, max_length=16)  # the shapes-world words
+    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=16, hidden_size=16, num_layers=1,
+                                        num_heads=2)
     vae = StreamDiTAutoencoder(latent_channels=4, block_out_channels=(8, 8, 8), temporal_downsample=(True, True))
     transformer = randomize_zeros(from_preset("tiny"), seed)
     options = dict(buffer_frames=8, chunk_size=2, micro_steps=2) | scheduler_options

@@ -188,7 +188,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     [
         (dict(prompt=""), "prompt '' is empty"),
         (dict(prompt="   "), "is empty"),
-        (dict(prompt=" ".join(["red"] * 20)), "limit|tokens"),
+        (dict(prompt=" ".join(["red"] * 20)), "needs 21 tokens"),
         (dict(chunk_size=3), "c=3"),
         (dict(micro_steps=0), "micro_steps=0"),
         (dict(height=18), "height=18"),

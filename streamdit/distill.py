@@ -1,0 +1,148 @@
+"""Multistep distillation (paper Sec. 4.2): a student that covers each chunk's whole noise segment in one step.
+
+    python -m streamdit.distill --teacher runs/shapes/pipeline --output-dir runs/distill --micro-steps 8 \
+        --guidance-scale 3 --steps 4000
+
+The teacher runs s micro steps per segment with classifier-free guidance; the student (initialised from the teacher)
+runs one step per segment without guidance, so a stream costs one function evaluation per released chunk instead of
+2 s. Distillation happens inside each of the N segments at once: for a buffer whose chunks all sit at the start of
+their segments (a partition drawn from the mixed set, a point drawn from the forward process), the target is where
+the teacher's s guided Euler steps take every chunk: the end of its segment. Step and guidance distillation together.
+Resumable like training (same checkpoints, EMA, CSV/PNG loss); the result is a pipeline folder whose defaults are
+micro_steps=1 and guidance_scale=1.
+"""
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from .pipeline import StreamDiTPipeline
+from .scheduler import StreamBuffer
+from .text import tokenize
+from .train import LatentPool, run_stage
+
+
+def guided_velocity(transformer, x, tau, text, mask, uncond, uncond_mask, guidance_scale):
+    """u = u(empty) + g (u(prompt) - u(empty)); plain u when g = 1. x (b, C, F, H, W), tau (F,)."""
+    b = x.shape[0]
+    tau = tau.expand(b, -1)
+    if guidance_scale == 1.0:
+        return transformer(x, tau, text, mask).sample.float()
+    both = transformer(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([uncond, text]),
+                       torch.cat([uncond_mask, mask])).sample.float()
+    empty, cond = both.chunk(2)
+    return empty + guidance_scale * (cond - empty)
+
+
+def segment_starts(partition):
+    """(F,) level at the start of each frame's segment: chunk n (0 = cleanest) starts at (N - 1 - n) * s."""
+    starts = partition.caps() - partition.micro_steps
+    starts[: partition.reference_frames] = partition.num_steps  # reference frames are clean and stay so
+    return starts
+
+
+@torch.no_grad()
+def teacher_targets(teacher, scheduler, x_start, partition, text, mask, uncond, uncond_mask, guidance_scale):
+    """Where the teacher's s guided micro steps take a buffer whose chunks sit at the start of their segments.
+
+    Uses the stream's own buffer (StreamBuffer): with every chunk at its segment start, s micro steps move each one
+    exactly to the top of its segment (its cap). Returns (x_end, tau_start (F,), tau_end (F,)).
+    """
+    taus = scheduler.taus(partition).to(x_start.device)
+    buffer = StreamBuffer(x_start, partition, taus)
+    buffer.to(x_start.device)
+    buffer.levels = segment_starts(partition).to(x_start.device)
+    tau_start = buffer.tau()
+    for _ in range(partition.micro_steps):
+        tau, next_tau = buffer.tau(), buffer.next_tau()
+        velocity = guided_velocity(teacher, buffer.latents, tau, text, mask, uncond, uncond_mask, guidance_scale)
+        buffer.update(scheduler.step(velocity, buffer.latents, tau, next_tau).prev_sample)
+    return buffer.latents, tau_start, buffer.tau()
+
+
+def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, args, state):
+    """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau."""
+    x1, captions = batch  # latents (b, C, F, H, W), captions
+    partitions = scheduler.training_partitions()
+    base = partitions[state.rng.integers(len(partitions))]
+    partition = type(base)(base.reference_frames, base.num_chunks, base.chunk_size, args.micro_steps)
+    generator = torch.Generator().manual_seed(int(state.rng.integers(2**62)))
+    noise = torch.randn(x1.shape, generator=generator).to(x1.device)
+    with torch.no_grad():
+        ids, mask = tokenize(tokenizer, captions)
+        text = text_encoder(ids.to(x1.device), mask.to(x1.device))
+        empty_ids, empty_mask = tokenize(tokenizer, [""] * len(captions))
+        uncond = text_encoder(empty_ids.to(x1.device), empty_mask.to(x1.device))
+        tau_start = scheduler.taus(partition).to(x1.device)[segment_starts(partition).to(x1.device)]
+        x_start = scheduler.add_noise(x1, noise, tau_start)  # the forward process at each segment's start
+        x_end, tau_start, tau_end = teacher_targets(teacher, scheduler, x_start, partition, text, mask.to(x1.device),
+                                                    uncond, empty_mask.to(x1.device), args.guidance_scale)
+    dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
+    moving = dtau.flatten() > 0  # reference frames (dtau = 0) take no step and give no signal
+    target = (x_end - x_start) / dtau.clamp(min=1e-8)
+    velocity = student(x_start, tau_start.expand(x1.shape[0], -1), text, mask.to(x1.device)).sample.float()
+    return F.mse_loss(velocity[:, :, moving], target[:, :, moving])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m streamdit.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="the trained pipeline folder (or Hub id)")
+    p.add_argument("--output-dir", default="runs/distill")
+    p.add_argument("--micro-steps", type=int, default=8, help="the teacher's s")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="the teacher's classifier-free guidance")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", type=int, default=128)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--pool-size", type=int, default=256)
+    p.add_argument("--pool-clip-frames", type=int, default=16)
+    p.add_argument("--pool-refresh", type=int, default=2)
+    p.add_argument("--mixed-precision", default="no")
+    p.add_argument("--export-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.export_only:
+        args.steps = 0
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    pipe = StreamDiTPipeline.from_pretrained(args.teacher).to(accelerator.device)
+    teacher = pipe.transformer.eval().requires_grad_(False)
+    text_encoder = pipe.text_encoder.eval().requires_grad_(False)  # the student keeps the teacher's text encoder
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    vae, scheduler = pipe.vae.eval().requires_grad_(False), pipe.scheduler
+    pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side)
+    buffer_frames = scheduler.config.buffer_frames
+
+    def make_batch(state):
+        pool.refresh(state.rng, args.pool_refresh)
+        return pool.sample(state.rng, args.batch_size, buffer_frames)
+
+    def loss(trainable, batch, state):
+        return distill_loss(trainable[0], teacher, text_encoder, pipe.tokenizer, scheduler, batch, args, state)
+
+    (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch)
+    if accelerator.is_main_process:
+        scheduler.register_to_config(micro_steps=1)
+        student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0)
+        student_pipe.save_pretrained(out / "pipeline")
+        accelerator.print(f"saved the student pipeline to {out / 'pipeline'}")
+
+
+if __name__ == "__main__":
+    main()
