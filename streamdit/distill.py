@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from .pipeline import StreamDiTPipeline
 from .scheduler import StreamBuffer
 from .text import tokenize
-from .train import LatentPool, run_stage
+from .train import LatentPool, add_loop_arguments, run_stage
 
 
 def guided_velocity(transformer, x, tau, text, mask, uncond, uncond_mask, guidance_scale):
@@ -92,24 +92,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m streamdit.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="the trained pipeline folder (or Hub id)")
-    p.add_argument("--output-dir", default="runs/distill")
+    add_loop_arguments(p, "runs/distill", batch_size=8, warmup_steps=50, pool_size=256, pool_refresh=2)
     p.add_argument("--micro-steps", type=int, default=8, help="the teacher's s")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="the teacher's classifier-free guidance")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--side", type=int, default=128)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--pool-size", type=int, default=256)
-    p.add_argument("--pool-clip-frames", type=int, default=16)
-    p.add_argument("--pool-refresh", type=int, default=2)
-    p.add_argument("--mixed-precision", default="no")
-    p.add_argument("--export-only", action="store_true")
     return p.parse_args(argv)
 
 

@@ -290,20 +290,30 @@ def train_dit(args):
         accelerator.print(f"saved the pipeline to {out / 'pipeline'}")
 
 
+def add_loop_arguments(p, output_dir="runs/shapes", batch_size=16, warmup_steps=200, pool_size=512, pool_refresh=3):
+    """Options of the shared training loop (run_stage), for train and distill alike."""
+    p.add_argument("--output-dir", default=output_dir)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", type=int, default=128, help="frame size; shapes world scales sizes and speeds with it")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mixed-precision", default="no", help="bf16 on GPUs; never on CPU (bf16 is ~300x slower here)")
+    p.add_argument("--pool-size", type=int, default=pool_size, help="encoded clips kept in memory")
+    p.add_argument("--pool-clip-frames", type=int, default=16, help="latent frames per pooled clip")
+    p.add_argument("--pool-refresh", type=int, default=pool_refresh, help="pooled clips replaced by fresh ones a step")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the pipeline from the newest checkpoint's EMA weights without training")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m streamdit.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
-    p.add_argument("--output-dir", default="runs/shapes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--side", type=int, default=128, help="frame size; shapes world scales sizes and speeds with it")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--mixed-precision", default="no", help="bf16 on GPUs; never on CPU (bf16 is ~300x slower here)")
+    add_loop_arguments(p)
     # autoencoder
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -322,11 +332,6 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--pool-size", type=int, default=512, help="encoded clips kept in memory")
-    p.add_argument("--pool-clip-frames", type=int, default=16, help="latent frames per pooled clip")
-    p.add_argument("--pool-refresh", type=int, default=3, help="pooled clips replaced by fresh ones each step")
-    p.add_argument("--export-only", action="store_true",
-                   help="write the pipeline from the newest DiT checkpoint's EMA weights without training")
     return p.parse_args(argv)
 
 
