@@ -113,12 +113,13 @@ def chunks(state, schedule, max_seconds, live):
     and the latest "Update prompt" (UI), both read between GPU calls."""
     started, first_frame, frames = time.perf_counter(), None, 0
     prompt, upcoming = schedule[0][1], list(schedule[1:])
+    seen = live.get("prompt") if live is not None else None  # a live prompt takes over only when it changes
     while frames < max_seconds * FPS and not state.finished:
         while upcoming and frames >= upcoming[0][0] * FPS:
             prompt = upcoming.pop(0)[1]
             state.set_prompt(prompt)
-        if live is not None and live.get("prompt") and live["prompt"] != prompt:
-            prompt = live["prompt"]
+        if live is not None and live.get("prompt") != seen:
+            prompt = seen = live["prompt"]
             state.set_prompt(prompt)
         state, chunk = next_chunk(state)
         first_frame = first_frame or time.perf_counter() - started
