@@ -30,6 +30,7 @@ from streamdit.video import VideoWriter, read_video
 
 SEGMENT_SECONDS = 1.0  # length of each MPEG-TS segment sent to the player
 MAX_SECONDS = 600  # the longest stream a visitor can ask for
+CLIP_LIFETIME = 600  # seconds a /generate file stays on disk
 EXAMPLES = Path(__file__).parent / "examples" / "prompts.txt"
 
 
@@ -182,7 +183,12 @@ def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_step
     """A finished .mp4 of `seconds` seconds (a prompt schedule applies here too)."""
     seconds = check_number("seconds", seconds, 1, 120)
     state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, None)
-    path = Path(tempfile.mkdtemp(prefix="streamdit-")) / f"{uuid.uuid4().hex[:8]}.mp4"
+    clips = Path(tempfile.gettempdir()) / "generated-clips"
+    clips.mkdir(exist_ok=True)
+    for old in clips.glob("*.mp4"):  # Gradio keeps its own copy of a returned file: ours can go after a while
+        if time.time() - old.stat().st_mtime > CLIP_LIFETIME:
+            old.unlink(missing_ok=True)
+    path = clips / f"{uuid.uuid4().hex}.mp4"
     with VideoWriter(path, fps=FPS) as writer:
         for frames, _ in chunks(state, schedule, seconds, None):
             writer.write(frames)
