@@ -64,7 +64,9 @@ def read_frame(frame: np.ndarray) -> FrameReading:
     background_rgb = np.median(pixels, axis=0)
     background = nearest(background_rgb, BACKGROUNDS)
     distance = np.abs(frame.astype(np.float64) - background_rgb).sum(-1)  # (H, W)
-    mask = distance > 60  # at least about half covered by an object colour
+    if distance.max() < 60:  # nothing stands out from the background
+        return FrameReading(background, None, None, None, None)
+    mask = distance > 0.5 * distance.max()  # at least half covered: faint halos and stray pixels do not count
     if mask.sum() < 4:
         return FrameReading(background, None, None, None, None)
     side = frame.shape[0]
