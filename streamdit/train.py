@@ -126,8 +126,8 @@ class LatentPool:
         return self.vae.encode(videos.to(self.vae.device)), scenes
 
     def refresh(self, rng, count):
-        if self.latents is None:  # fill it, a batch of clips at a time
-            parts = [self.encode(rng, min(32, self.size - i)) for i in range(0, self.size, 32)]
+        if self.latents is None:  # fill it a few clips at a time: full-resolution activations are large
+            parts = [self.encode(rng, min(4, self.size - i)) for i in range(0, self.size, 4)]
             self.latents = torch.cat([p[0] for p in parts])
             self.scenes = [s for p in parts for s in p[1]]
             return
