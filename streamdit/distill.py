@@ -123,7 +123,7 @@ def main(argv=None):
     def loss(trainable, batch, state):
         return distill_loss(trainable[0], teacher, text_encoder, pipe.tokenizer, scheduler, batch, args, state)
 
-    (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch)
+    (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)
     if accelerator.is_main_process:
         scheduler.register_to_config(micro_steps=1)
         student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0)

@@ -169,18 +169,18 @@ def plot_loss(csv_path: Path):
     plt.close(fig)
 
 
-def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch):
-    """The shared loop: AdamW with warm-up, EMA, gradient clipping, checkpoints every --checkpoint-every steps."""
+def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, lr):
+    """The shared loop: AdamW with warm-up, EMA, gradient clipping, checkpoints every --checkpoint-every steps.
+
+    Only parameters that require grad are trained (and averaged): a frozen part of a module stays as it was.
+    """
     out = Path(args.output_dir)
-    params = [p for m in trainable for p in m.parameters()]
-    lr = args.vae_lr if stage == "vae" else args.lr
+    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = lambda step: min(1.0, (step + 1) / args.warmup_steps)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    steps = args.vae_steps if stage == "vae" else args.steps
     *trainable, optimizer, lr_schedule = accelerator.prepare(*trainable, optimizer, lr_schedule)
-    ema = EMAModel([p for m in trainable for p in m.parameters()], decay=args.ema_decay, use_ema_warmup=True,
-                   power=3 / 4)
+    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     state = TrainState(args.seed + accelerator.process_index)
     accelerator.register_for_checkpointing(ema, state)
     checkpoint = latest_checkpoint(out / "checkpoints", stage)
@@ -199,7 +199,7 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch):
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step([p for m in trainable for p in m.parameters()])
+        ema.step(params)
         state.step += 1
         progress.update()
         progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -211,7 +211,7 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch):
             if accelerator.is_main_process:
                 plot_loss(csv_path)
     progress.close()
-    ema.copy_to([p for m in trainable for p in m.parameters()])  # ship the EMA weights
+    ema.copy_to(params)  # ship the EMA weights
     return [accelerator.unwrap_model(m) for m in trainable]
 
 
@@ -249,7 +249,7 @@ def train_vae(args):
         return videos.to(accelerator.device), captions, scenes
 
     loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
-    (vae,) = run_stage("vae", args, accelerator, [vae], loss, make_batch)
+    (vae,) = run_stage("vae", args, accelerator, [vae], loss, make_batch, args.vae_steps, args.vae_lr)
     if accelerator.is_main_process:
         vae.eval()
         normalise_latents(vae, args, accelerator.device)
@@ -257,6 +257,28 @@ def train_vae(args):
         vae.save_pretrained(Path(args.output_dir) / "vae")
         (Path(args.output_dir) / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
         accelerator.print(f"autoencoder PSNR {psnr:.2f} dB")
+    accelerator.wait_for_everyone()
+
+
+def train_decoder(args):
+    """Fine-tunes only the autoencoder's decoder: sharper frames from the same latents, so a DiT trained on them stays
+    valid. Overwrites <output-dir>/vae (its latent normalisation unchanged) and its PSNR."""
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out = Path(args.output_dir)
+    vae = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    vae.encoder.requires_grad_(False)
+
+    def make_batch(state):
+        videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
+        return videos.to(accelerator.device), captions, scenes
+
+    loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
+    (vae,) = run_stage("decoder", args, accelerator, [vae], loss, make_batch, args.decoder_steps, args.vae_lr)
+    if accelerator.is_main_process:
+        vae.eval().save_pretrained(out / "vae")
+        psnr = reconstruction_psnr(vae, accelerator.device, args.side)
+        (out / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
+        accelerator.print(f"autoencoder PSNR after decoder fine-tuning {psnr:.2f} dB")
     accelerator.wait_for_everyone()
 
 
@@ -282,7 +304,8 @@ def train_dit(args):
         pool.refresh(state.rng, args.pool_refresh)
         return pool.sample(state.rng, args.batch_size, args.buffer_frames)
 
-    transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, make_batch)
+    transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, make_batch,
+                                          args.steps, args.lr)
     if accelerator.is_main_process:
         pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
                                  guidance_scale=args.guidance_scale)
@@ -312,7 +335,8 @@ def add_loop_arguments(p, output_dir="runs/shapes", batch_size=16, warmup_steps=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m streamdit.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "decoder", "dit", "all"], default="all",
+                   help="all = vae then dit; decoder = fine-tune the trained autoencoder's decoder only")
     add_loop_arguments(p)
     # autoencoder
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -321,6 +345,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 16, 32, 64])
     p.add_argument("--latent-channels", type=int, default=8)
+    p.add_argument("--decoder-steps", type=int, default=1000)
     # DiT
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -343,6 +368,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.stage in ("vae", "all"):
         train_vae(args)
+    if args.stage == "decoder":
+        train_decoder(args)
     if args.stage in ("dit", "all"):
         train_dit(args)
 

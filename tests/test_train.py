@@ -70,3 +70,21 @@ def test_export_only_then_evaluate(run, tmp_path):
     for measure in ("all_attributes", "adherence_colour", "identity", "drift_last10s_all_attributes", "switching"):
         assert f"| {measure} |" in table
     assert (tmp_path / "samples.gif").stat().st_size > 0
+
+
+def test_decoder_fine_tuning_keeps_the_latent_space(run, tmp_path):
+    import shutil
+
+    import torch
+
+    from streamdit import StreamDiTAutoencoder
+
+    out = tmp_path / "decoder"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "5", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    for name, p in before.state_dict().items():
+        changed = not torch.equal(p, after.state_dict()[name])
+        assert changed == name.startswith("decoder."), name  # the encoder, so the latents, are untouched
+    assert after.config.scaling_factor == before.config.scaling_factor
