@@ -241,45 +241,38 @@ def reconstruction_psnr(vae, device, side=128, clips=32, seed=12345):
     return 10 * math.log10(255**2 / mse)
 
 
-def train_vae(args):
+def fit_autoencoder(args, vae, stage, steps, normalise):
+    """Reconstruction training of the autoencoder's trainable parameters, then <output-dir>/vae and its PSNR."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
-    vae = new_vae(args)
+    out = Path(args.output_dir)
+
     def make_batch(state):
         videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
         return videos.to(accelerator.device), captions, scenes
 
     loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
-    (vae,) = run_stage("vae", args, accelerator, [vae], loss, make_batch, args.vae_steps, args.vae_lr)
+    (vae,) = run_stage(stage, args, accelerator, [vae], loss, make_batch, steps, args.vae_lr)
     if accelerator.is_main_process:
         vae.eval()
-        normalise_latents(vae, args, accelerator.device)
+        if normalise:
+            normalise_latents(vae, args, accelerator.device)
         psnr = reconstruction_psnr(vae, accelerator.device, args.side)
-        vae.save_pretrained(Path(args.output_dir) / "vae")
-        (Path(args.output_dir) / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
-        accelerator.print(f"autoencoder PSNR {psnr:.2f} dB")
+        vae.save_pretrained(out / "vae")
+        (out / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
+        accelerator.print(f"autoencoder PSNR {psnr:.2f} dB after the {stage} stage")
     accelerator.wait_for_everyone()
+
+
+def train_vae(args):
+    fit_autoencoder(args, new_vae(args), "vae", args.vae_steps, normalise=True)
 
 
 def train_decoder(args):
-    """Fine-tunes only the autoencoder's decoder: sharper frames from the same latents, so a DiT trained on them stays
-    valid. Overwrites <output-dir>/vae (its latent normalisation unchanged) and its PSNR."""
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    out = Path(args.output_dir)
-    vae = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    """Fine-tunes only the decoder: sharper frames from the same latents, so a DiT trained on them stays valid.
+    The latent normalisation is kept."""
+    vae = StreamDiTAutoencoder.from_pretrained(Path(args.output_dir) / "vae")
     vae.encoder.requires_grad_(False)
-
-    def make_batch(state):
-        videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
-        return videos.to(accelerator.device), captions, scenes
-
-    loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
-    (vae,) = run_stage("decoder", args, accelerator, [vae], loss, make_batch, args.decoder_steps, args.vae_lr)
-    if accelerator.is_main_process:
-        vae.eval().save_pretrained(out / "vae")
-        psnr = reconstruction_psnr(vae, accelerator.device, args.side)
-        (out / "vae-psnr.txt").write_text(f"{psnr:.2f}\n")
-        accelerator.print(f"autoencoder PSNR after decoder fine-tuning {psnr:.2f} dB")
-    accelerator.wait_for_everyone()
+    fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False)
 
 
 def train_dit(args):
