@@ -14,7 +14,6 @@ and prompt switching (the new prompt's attributes within 3 s of `set_prompt`).
 
 import argparse
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +111,9 @@ def read_video(frames: np.ndarray) -> dict:
         result["speed"] = min(SPEEDS, key=lambda s: abs(SPEEDS[s] - abs(mean[axis])))
         # smooth: each frame moves within 1 px of the clip's mean velocity
         result["smoothness"] = float((np.abs(steps - mean).max(1) <= 1.0).mean())
-    identity = [r for r in seen]
     result["identity"] = float(np.mean([
-        (r.colour, r.shape, r.size) == (result["colour"], result["shape"], result["size"]) for r in identity
-    ])) if identity else 0.0
+        (r.colour, r.shape, r.size) == (result["colour"], result["shape"], result["size"]) for r in seen
+    ])) if seen else 0.0
     result["object_frames"] = len(seen) / len(readings)
     result["flicker"] = float(np.mean([r.background != result["background"] for r in readings]))
     return result
@@ -136,7 +134,6 @@ def stream_frames(pipe, prompt, seconds, seed, switch=None, **options):
     """Streams `seconds` of video; `switch=(second, prompt)` calls set_prompt once the stream reaches that second."""
     stream = pipe.stream(prompt, generator=torch.Generator().manual_seed(seed), **options)
     frames, target = [], int(seconds * FPS)
-    start = time.perf_counter()
     for chunk in stream:
         frames.append(chunk.frames)
         done = sum(len(f) for f in frames)
@@ -146,13 +143,13 @@ def stream_frames(pipe, prompt, seconds, seed, switch=None, **options):
         if done >= target:
             break
     stream.close()
-    return np.concatenate(frames)[:target], time.perf_counter() - start
+    return np.concatenate(frames)[:target]
 
 
 def evaluate_adherence(pipe, prompts, seconds, seed, **options):
     rows, samples = [], []
     for i, prompt in enumerate(prompts):
-        frames, _ = stream_frames(pipe, prompt, seconds, seed + i, **options)
+        frames = stream_frames(pipe, prompt, seconds, seed + i, **options)
         reading = read_video(frames[FPS // 2 :])  # from half a second in: the start-up chunk is settling
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
         samples.append(frames)
@@ -177,7 +174,7 @@ def evaluate_drift(pipe, prompts, seed, seconds=60, window=10, **options):
     """The same measures over the first and the last `window` seconds of `seconds`-long streams."""
     first, last = [], []
     for i, prompt in enumerate(prompts):
-        frames, _ = stream_frames(pipe, prompt, seconds, seed + i, **options)
+        frames = stream_frames(pipe, prompt, seconds, seed + i, **options)
         for rows, clip in ((first, frames[: window * FPS]), (last, frames[-window * FPS :])):
             reading = read_video(clip)
             rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
@@ -188,13 +185,13 @@ def evaluate_switching(pipe, pairs, seed, before=4.0, within=3.0, **options):
     """A switch succeeds when the second after `within` - 1 .. `within` s past set_prompt shows the new prompt."""
     successes = []
     for i, (old, new) in enumerate(pairs):
-        frames, _ = stream_frames(pipe, old, before + within, seed + i, switch=(before, new), **options)
+        frames = stream_frames(pipe, old, before + within, seed + i, switch=(before, new), **options)
         window = frames[int((before + within - 1) * FPS) : int((before + within) * FPS)]
         successes.append(all(adherence(read_video(window), new).values()))
     return float(np.mean(successes))
 
 
-def save_gif_grid(samples, prompts, path, columns=4, seconds=3):
+def save_gif_grid(samples, path, columns=4, seconds=3):
     from PIL import Image
 
     clips = [s[: seconds * FPS] for s in samples[: columns * 2]]
@@ -252,7 +249,7 @@ def main(argv=None):
         results["switching"] = evaluate_switching(pipe, list(zip(prompts, new)), args.seed, **options)
     (out / "results.md").write_text(markdown(results) + "\n")
     (out / "results.json").write_text(json.dumps({"results": results, "rows": rows}, indent=1, default=str))
-    save_gif_grid(samples, prompts, out / "samples.gif")
+    save_gif_grid(samples, out / "samples.gif")
     print(markdown(results))
 
 
