@@ -95,13 +95,14 @@ def stream_options(chunk_size, micro_steps, guidance_scale):
     )
 
 
-def status_line(frames, started, first_frame, prompt):
+def status_line(frames, started, first_frame, latency, prompt):
     elapsed = time.perf_counter() - started
     unknown = PIPE.unknown_words(prompt)
     parts = [
         f"**{frames} frames** ({frames / FPS:.1f} s)",
         f"generating at **{frames / elapsed:.1f} fps** (playback {FPS} fps)",
         f"first frame after {first_frame:.2f} s" if first_frame is not None else "starting",
+        f"last chunk latency {latency:.2f} s",  # from its GPU call's start to its frames: what a viewer waits
         f"prompt: *{prompt}*",
     ]
     if unknown:
@@ -109,9 +110,9 @@ def status_line(frames, started, first_frame, prompt):
     return " · ".join(parts)
 
 
-def chunks(state, schedule, max_seconds, live):
-    """Yields (frames, prompt, status) chunk by chunk until max_seconds, following the prompt schedule (API users)
-    and the latest "Update prompt" (UI), both read between GPU calls."""
+def chunks(state, schedule, max_seconds, live, clip=None):
+    """Yields (frames, status) chunk by chunk until max_seconds, following the prompt schedule (API users)
+    and the latest "Update prompt" (UI), both read between GPU calls. `clip`: a video-to-video stream's input."""
     started, first_frame, frames = time.perf_counter(), None, 0
     prompt, upcoming = schedule[0][1], list(schedule[1:])
     seen = live.get("prompt") if live is not None else None  # a live prompt takes over only when it changes
@@ -122,11 +123,38 @@ def chunks(state, schedule, max_seconds, live):
         if live is not None and live.get("prompt") != seen:
             prompt = seen = live["prompt"]
             state.set_prompt(prompt)
+        if clip is not None:
+            clip.feed(state)
+        called = time.perf_counter()
         state, chunk = next_chunk(state)
+        latency = time.perf_counter() - called
         first_frame = first_frame or time.perf_counter() - started
         out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
         frames += len(out)
-        yield out, status_line(frames, started, first_frame, prompt)
+        yield out, status_line(frames, started, first_frame, latency, prompt)
+
+
+class Clip:
+    """An uploaded clip, kept in the visitor's generator rather than in the stream state: on ZeroGPU the state is
+    pickled into every GPU call, and it should carry the one chunk of input that call takes, not the whole clip."""
+
+    def __init__(self, frames):
+        self.frames, self.taken = frames, 0
+
+    @property
+    def ended(self):
+        return self.taken >= len(self.frames)
+
+    def take(self, count):
+        out = self.frames[self.taken : self.taken + count]
+        self.taken += len(out)
+        return out
+
+    def feed(self, state):
+        """Tops the state's pending input up to one chunk: what the next release draws, so no call runs short."""
+        missing = state.buffer.partition.chunk_size * PIPE.vae_scale_factor_temporal - len(state.video_pending)
+        if missing > 0 and not state.video_ended:
+            PIPE.feed_video(state, self.take(missing), end=self.ended)
 
 
 def segments(chunk_stream):
@@ -209,8 +237,16 @@ def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
         raise gr.Error(f"could not read the uploaded video: {error}") from None
     if live is not None:
         live["prompt"] = prompt
-    state = PIPE.prepare_stream(prompt, video=frames, strength=strength, generator=torch.Generator().manual_seed(seed))
-    yield from segments(chunks(state, [(0.0, prompt)], max_seconds, live))
+    yield from segments(restyled(Clip(frames), prompt, strength, seed, max_seconds, live))
+
+
+def restyled(clip, prompt, strength, seed, max_seconds, live):
+    """The (frames, status) chunks of a restyle: the state starts with the first buffer's worth of the clip, as the
+    library's `pipe.stream(video=...)` does, and is then fed one chunk ahead of each GPU call."""
+    first = clip.take(PIPE.scheduler.config.buffer_frames * PIPE.vae_scale_factor_temporal)
+    state = PIPE.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
+                                generator=torch.Generator().manual_seed(seed))
+    return chunks(state, [(0.0, prompt)], max_seconds, live, clip)
 
 
 def defaults(chunk_size, micro_steps, guidance_scale):

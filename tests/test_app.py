@@ -1,58 +1,33 @@
 """The Space end to end: app.py served on localhost, driven with gradio_client.
 
 These tests pin the mechanics with a tiny random pipeline (any model would do): streaming, prompt switching,
-independent visitors, cancelling and clean-up, errors. What the video shows is checked with the trained model.
+independent visitors, cancelling and clean-up, errors, video-to-video. What the video shows is checked with the
+built-in model (here through the API, in tests/test_browser.py in a real browser).
 """
 
-import os
-import socket
-import subprocess
+import importlib
 import sys
 import time
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client
 
-from conftest import tiny_pipeline
+from conftest import ROOT, running_app, shows_colour, tiny_pipeline
+from streamdit.video import read_video, write_video
 
-ROOT = Path(__file__).resolve().parents[1]
 FPS = 16
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py in a subprocess on a free port, with its own TMPDIR so that its temporary files can be inspected."""
+    """app.py serving the tiny pipeline in a subprocess; yields its URL and its TMPDIR."""
     folder = tmp_path_factory.mktemp("app")
     tiny_pipeline().save_pretrained(folder / "model")
-    (folder / "tmp").mkdir()
-    port = free_port()
-    env = os.environ | {"STREAMDIT_MODEL": str(folder / "model"), "GRADIO_SERVER_PORT": str(port),
-                        "TMPDIR": str(folder / "tmp"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=open(folder / "app.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            Client(url, verbose=False)
-            break
-        except Exception:
-            if time.time() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError((folder / "app.log").read_text()[-2000:])
-            time.sleep(1)
-    yield url, folder / "tmp"
-    process.terminate()
-    process.wait(timeout=30)
+    with running_app(folder / "model", folder) as url:
+        yield url, folder / "tmp"
 
 
 def client(url):
@@ -80,7 +55,7 @@ def test_stream_delivers_video_and_status(server):
     frames = frames_of(job)
     assert len(frames) >= 3 * FPS and frames.shape[1:] == (16, 16, 3)
     status = job.outputs()[-1][1]
-    assert "48 frames" in status and "a red circle moving left" in status
+    assert "48 frames" in status and "a red circle moving left" in status and "last chunk latency" in status
 
 
 def test_prompt_schedule_changes_the_video_mid_stream(server):
@@ -143,3 +118,57 @@ def test_generate_returns_a_finished_mp4(server):
     path = clip["video"] if isinstance(clip, dict) else clip
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 2 * FPS
+
+
+@pytest.fixture(scope="module")
+def app():
+    """app.py imported in the test process, to call its functions without a server (each test swaps in its model)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module("app")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@pytest.mark.parametrize("length", [20, 40, 70])  # inside the first buffer (32 frames), whole chunks, a part chunk
+def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkeypatch, length):
+    pipe = tiny_pipeline()
+    monkeypatch.setattr(app, "PIPE", pipe)
+    pending, gpu_call = [], app.next_chunk
+
+    def recording(state):
+        pending.append(len(state.video_pending))
+        return gpu_call(state)
+
+    monkeypatch.setattr(app, "next_chunk", recording)
+    frames = np.random.default_rng(0).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
+    ours = np.concatenate([out for out, _ in app.restyled(app.Clip(frames), "a red circle moving left", 0.6, 3, 30,
+                                                          None)])
+    stream = pipe.stream("a red circle moving left", video=frames, strength=0.6,
+                         generator=torch.Generator().manual_seed(3))
+    library = np.concatenate([chunk.frames for chunk in stream])
+    np.testing.assert_array_equal(ours, library)
+    assert len(ours) == length
+    chunk = pipe.scheduler.config.chunk_size * pipe.vae_scale_factor_temporal
+    assert pending and max(pending) <= chunk  # the clip stays in the generator, not in the pickled state
+
+
+def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    frames = np.random.default_rng(1).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    clip = write_video([frames], tmp_path / "clip.mp4")
+    counts, status = [], ""
+    for segment, status in app.restyle(str(clip), "a blue square moving up", 0.6, 0, 30):
+        counts.append(len(read_video(segment)))  # now: a segment goes once the next one is out
+    assert sum(counts) == 40 and len(counts) > 1
+    assert "40 frames" in status and "last chunk latency" in status
+
+
+@pytest.mark.xfail(reason="the built-in model does not yet draw the prompt's object (README: 5% colour adherence)",
+                   strict=False)
+def test_stream_shows_the_prompts_colour(shipped_app):
+    job = wait(client(shipped_app).submit("a red square moving right on a white background", 0, "", 3,
+                                          api_name="/stream"))
+    frames = frames_of(job)[FPS:]  # after the first second
+    red = [shows_colour(frame, "red") for frame in frames]
+    assert np.mean(red) >= 0.8, f"a red object in {sum(red)} of {len(red)} frames"

@@ -1,0 +1,96 @@
+"""The Space in a real browser: Debian's Chromium, driven by Playwright, shows the model's video.
+
+app.py serves the built-in model; the test types a prompt, presses Start, lets the stream play past 2 s, pauses it
+and reads the shown frame's pixels in the page (a canvas). It also saves the screenshot in the README,
+docs/app-streaming.png. Skipped where Chromium or Playwright is missing (.ci/run installs both).
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, colour_counts, library_frames, shows_colour
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download its own, which we never do
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+
+FPS = 16
+PROMPT = "a red square moving right on a white background"
+SEED = 0  # the Seed box's default
+PLAYED = 2.0  # seconds of video played before the frame is read
+SCREENSHOT = ROOT / "docs" / "app-streaming.png"
+
+# Pauses the player and returns its time and the shown frame's RGBA pixels, drawn into a canvas.
+READ_FRAME = """async () => {
+    const video = document.querySelector("#stream video");
+    video.pause();
+    await new Promise(done => setTimeout(done, 300));  // let the paused frame reach the screen
+    const canvas = document.createElement("canvas");
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(video, 0, 0);
+    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    return {time: video.currentTime, width: canvas.width, height: canvas.height, pixels: Array.from(pixels)};
+}"""
+PLAYER_TIME = """() => { const video = document.querySelector("#stream video"); return video ? video.currentTime : 0; }"""
+
+
+@pytest.fixture(scope="module")
+def shown(shipped_app):
+    """(player time in s, the frame the page shows then: uint8 (H, W, 3)), once the stream has played past 2 s."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 960, "height": 820})
+            page.goto(shipped_app)
+            page.get_by_label("Prompt").first.fill(PROMPT)
+            page.get_by_role("button", name="Start").click()
+            wait_for_playback(page, PLAYED, timeout=90)
+            frame = page.evaluate(READ_FRAME)
+            save_screenshot(page)
+            page.get_by_role("button", name="Stop").click()  # the server stops generating for this visitor
+        finally:
+            browser.close()
+    pixels = np.array(frame["pixels"], np.uint8).reshape(frame["height"], frame["width"], 4)
+    return frame["time"], pixels[..., :3]
+
+
+def wait_for_playback(page, seconds, timeout):
+    deadline, played = time.time() + timeout, 0.0
+    while played <= seconds:
+        assert time.time() < deadline, f"the player reached {played:.2f} s, not {seconds} s, in {timeout} s"
+        time.sleep(0.1)
+        played = page.evaluate(PLAYER_TIME)
+
+
+def save_screenshot(page):
+    """The README's picture, as a 256-colour PNG to keep the repository small."""
+    from PIL import Image
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=SCREENSHOT)
+    Image.open(SCREENSHOT).convert("RGB").quantize(256).save(SCREENSHOT, optimize=True)
+
+
+def test_browser_shows_the_librarys_frames(shown):
+    played, frame = shown
+    index = int(round(played * FPS))
+    reference = library_frames(PROMPT, SEED, index + 2).astype(np.float64) / 255
+    # The player's clock and the frame on screen can be a frame apart (MPEG-TS and hls.js timestamps): the nearest
+    # frame or a neighbour must match, up to H.264's loss (about 5/255 on these frames) and the colour conversion.
+    candidates = range(max(index - 1, 0), index + 2)
+    errors = {i: np.abs(frame / 255 - reference[i]).mean() for i in candidates}
+    best = min(errors, key=errors.get)
+    assert errors[best] < 8 / 255, f"frame at {played:.3f} s: mean errors {errors} against library frames"
+
+
+@pytest.mark.xfail(reason="the built-in model does not yet draw the prompt's object (README: 5% colour adherence)",
+                   strict=False)
+def test_browser_frame_shows_the_prompts_colour(shown):
+    _, frame = shown
+    assert shows_colour(frame, "red"), f"pixels per palette colour: {colour_counts(frame)}"
