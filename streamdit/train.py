@@ -119,6 +119,7 @@ class LatentPool:
     def __init__(self, vae, size, clip_frames, side):
         self.vae, self.size, self.clip_frames, self.side = vae, size, clip_frames, side
         self.latents, self.scenes = None, []  # (size, C, F_clip, h, w) on the vae's device; one Scene per clip
+        self.owed = 0.0  # fractional refresh rates add up here until a whole clip is due
 
     @torch.no_grad()
     def encode(self, rng, count):
@@ -130,6 +131,10 @@ class LatentPool:
             parts = [self.encode(rng, min(4, self.size - i)) for i in range(0, self.size, 4)]
             self.latents = torch.cat([p[0] for p in parts])
             self.scenes = [s for p in parts for s in p[1]]
+            return
+        self.owed += count
+        count, self.owed = int(self.owed), self.owed - int(self.owed)
+        if count == 0:
             return
         fresh, scenes = self.encode(rng, count)
         for slot, latents, scene in zip(rng.choice(self.size, count, replace=False), fresh, scenes):
@@ -177,8 +182,7 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, l
     out = Path(args.output_dir)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = lambda step: min(1.0, (step + 1) / args.warmup_steps)  # noqa: E731
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, args))
     *trainable, optimizer, lr_schedule = accelerator.prepare(*trainable, optimizer, lr_schedule)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     state = TrainState(args.seed + accelerator.process_index)
@@ -213,6 +217,15 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, l
     progress.close()
     ema.copy_to(params)  # ship the EMA weights
     return [accelerator.unwrap_model(m) for m in trainable]
+
+
+def lr_factor(step, steps, args):
+    """Warm-up, constant, then a linear decay to 0 over the last --decay-steps (warmup-stable-decay).
+
+    The decay depends only on the step and --steps, so a run can go on at the constant rate and be given its decay
+    later by resuming with a larger --steps and --decay-steps."""
+    decay = (steps - step) / args.decay_steps if args.decay_steps else 1.0
+    return max(0.0, min(1.0, (step + 1) / args.warmup_steps, decay))
 
 
 def save_checkpoint(accelerator, out, stage, step, keep):
@@ -316,11 +329,13 @@ def add_loop_arguments(p, output_dir="runs/shapes", batch_size=16, warmup_steps=
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    p.add_argument("--decay-steps", type=int, default=0, help="linear decay of the lr to 0 over the last N steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--mixed-precision", default="no", help="bf16 on GPUs; never on CPU (bf16 is ~300x slower here)")
     p.add_argument("--pool-size", type=int, default=pool_size, help="encoded clips kept in memory")
     p.add_argument("--pool-clip-frames", type=int, default=16, help="latent frames per pooled clip")
-    p.add_argument("--pool-refresh", type=int, default=pool_refresh, help="pooled clips replaced by fresh ones a step")
+    p.add_argument("--pool-refresh", type=float, default=pool_refresh,
+                   help="pooled clips replaced by fresh ones a step (0.25: one every 4 steps)")
     p.add_argument("--export-only", action="store_true",
                    help="write the pipeline from the newest checkpoint's EMA weights without training")
 

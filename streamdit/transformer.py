@@ -334,8 +334,8 @@ PRESETS = {
         window_size=(2, 2, 2), sample_size=(8, 4, 4), pooled_text=True,
     ),
     "small": dict(
-        in_channels=8, patch_size=2, hidden_size=192, num_layers=6, num_heads=3, text_dim=128,
-        window_size=(4, 8, 8), sample_size=(8, 16, 16), pooled_text=True,
+        in_channels=8, patch_size=4, hidden_size=192, num_layers=6, num_heads=3, text_dim=128,
+        window_size=(4, 4, 4), sample_size=(8, 16, 16), pooled_text=True,
     ),
     "large": dict(
         in_channels=8, patch_size=2, hidden_size=2304, num_layers=32, num_heads=18, text_dim=4096,
