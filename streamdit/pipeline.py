@@ -4,14 +4,18 @@ A stream is a `StreamState` (buffer latents, per-frame levels, prompt embeddings
 numbers, so it pickles) advanced one micro step at a time by `pipe.advance(state)`. When the buffer releases its
 clean chunk, `pipe.decode_chunk(state, latents)` turns it into video frames, decoding with the last released latents
 as left context (the paper's overlapped decoding) so that chunks join without seams. `StreamDiTStream` wraps the
-two in an iterator with `set_prompt` and `close`; the Space calls them directly, one GPU call per chunk.
+two in an iterator with `set_prompt` and `close`, and as in the paper runs them on two threads: the denoiser works on
+the next chunk while the caller's thread decodes this one. The Space calls them directly, one GPU call per chunk.
 
 Shape legend: b batch, C latent channels, F buffer frames, c chunk frames, H, W latent size, L text tokens, E text width,
 f video frames, Hv, Wv video size.
 """
 
+import copy
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -51,7 +55,13 @@ class StreamChunk:
 @dataclass
 class StreamState:
     """Everything a stream carries from one micro step to the next. Plain data: it pickles, so the step function
-    can run in another process (ZeroGPU) and a stream can be saved and resumed bit for bit."""
+    can run in another process (ZeroGPU) and a stream can be saved and resumed bit for bit.
+
+    Two sides, which a pipelined stream runs on two threads: the decoder side (`_DECODER_SIDE`: decode_context and the
+    release counters) is written only by decoding, everything else (buffer, prompts, RNG, video input, micro_step,
+    denoise_seconds) only by the denoiser (`advance`, the prompt and video input). Both replace values rather than
+    write into tensors or arrays in place, so a shallow copy (`_snapshot`) is a snapshot.
+    """
 
     buffer: StreamBuffer
     prompt: list[str]  # one per batch row
@@ -85,6 +95,10 @@ class StreamState:
         """A video-to-video stream ends with its input; a text-to-video stream never does."""
         return self.video_ended and self.video_pending is not None and self.frames_released >= self.video_frames_in
 
+    def frame_limit(self):
+        """Stream frames that show real input once a video-to-video input has ended (the rest is padding); else None."""
+        return self.video_frames_in if self.video_ended and self.video_pending is not None else None
+
     def to(self, device):
         self.buffer.to(device)
         for name in ("prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask", "decode_context"):
@@ -92,6 +106,28 @@ class StreamState:
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
+
+
+_DECODER_SIDE = ("decode_context", "chunks_released", "frames_released")
+
+
+def _snapshot(state: StreamState) -> StreamState:
+    """A copy of `state` that later micro steps leave alone. Shallow is enough: micro steps and decoding replace the
+    state's (and the buffer's) tensors and arrays, never write into them, so only the two containers are copied."""
+    snapshot = copy.copy(state)
+    snapshot.buffer = copy.copy(state.buffer)
+    return snapshot
+
+
+@dataclass
+class _Released:
+    """A chunk as it left the buffer, with what decoding needs to know of that moment: by the time a pipelined
+    stream decodes it, the denoiser has moved on (another prompt, more input, the next chunk's timing)."""
+
+    latents: torch.Tensor  # (b, C, c, H, W)
+    prompt: str
+    denoise_seconds: float
+    frame_limit: int | None  # StreamState.frame_limit at the release
 
 
 def _frames_to_video(frames, height, width):
@@ -141,6 +177,9 @@ class StreamDiTPipeline(DiffusionPipeline):
         )
         self.register_to_config(guidance_scale=guidance_scale)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        # A fast tokenizer raises "Already borrowed" when two threads use it at once (a pipelined stream's denoiser
+        # encoding while the caller's set_prompt checks): one at a time.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def vae_scale_factor_spatial(self):
@@ -169,7 +208,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         for p in prompts:
             if not p.strip():
                 raise ValueError(f"prompt {p!r} is empty")
-            tokenize(self.tokenizer, [p])  # raises ValueError naming a prompt longer than the tokenizer's limit
+            self._tokenize([p])  # raises ValueError naming a prompt longer than the tokenizer's limit
         return prompts
 
     def check_inputs(self, prompt, height, width, num_frames, guidance_scale, partition):
@@ -186,9 +225,13 @@ class StreamDiTPipeline(DiffusionPipeline):
         self.transformer.token_grid(partition.buffer_frames, height // f, width // f)  # ValueError if windows don't tile
         return prompts
 
+    def _tokenize(self, prompts):
+        with self._tokenizer_lock:
+            return tokenize(self.tokenizer, prompts)
+
     def encode_prompt(self, prompts: list[str], device=None):
         """-> (b, L, E) text states and their (b, L) mask; over-long prompts raise ValueError."""
-        input_ids, mask = tokenize(self.tokenizer, prompts)
+        input_ids, mask = self._tokenize(prompts)
         device = device or self._execution_device
         embeds = self.text_encoder(input_ids.to(device), mask.to(device))
         return embeds, mask.to(device)
@@ -365,25 +408,35 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     def decode_chunk(self, state: StreamState, latents) -> StreamChunk:
         """Decodes a released chunk of a single-prompt stream into uint8 frames and updates the decode context."""
+        return self._decode_released(state, self._released(state, latents))
+
+    def _released(self, state, latents) -> _Released:
+        """Denoiser side of a release: what the decoder needs of this moment; the next chunk's timing starts."""
+        released = _Released(latents, state.prompt[0], state.denoise_seconds, state.frame_limit())
+        state.denoise_seconds = 0.0
+        return released
+
+    def _decode_released(self, state, released: _Released) -> StreamChunk:
+        """Decoder side of a release: touches only the state's `_DECODER_SIDE` fields."""
         start = time.perf_counter()
+        latents = released.latents
         video = self.decode_latents(latents, state.decode_context)  # (1, 3, f, Hv, Wv)
         if state.decode_overlap:
             previous = latents if state.decode_context is None else torch.cat([state.decode_context, latents], 2)
             state.decode_context = previous[:, :, -state.decode_overlap :]
         frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        if state.video_ended and state.video_pending is not None:  # drop the padding after an input video's end
-            frames = frames[: max(state.video_frames_in - state.frames_released, 0)]
+        if released.frame_limit is not None:  # drop the padding after an input video's end
+            frames = frames[: max(released.frame_limit - state.frames_released, 0)]
         chunk = StreamChunk(
             frames=frames,
             index=state.chunks_released,
             start_frame=state.frames_released,
-            prompt=state.prompt[0],
-            denoise_seconds=state.denoise_seconds,
+            prompt=released.prompt,
+            denoise_seconds=released.denoise_seconds,
             decode_seconds=time.perf_counter() - start,
         )
         state.chunks_released += 1
         state.frames_released += len(frames)
-        state.denoise_seconds = 0.0
         return chunk
 
     def next_chunk(self, state: StreamState) -> tuple[StreamState, StreamChunk]:
@@ -394,12 +447,16 @@ class StreamDiTPipeline(DiffusionPipeline):
         return state, self.decode_chunk(state, latents)
 
     def stream(self, prompt: str | None = None, video: Iterable | None = None, state: StreamState | None = None,
-               **options) -> "StreamDiTStream":
+               pipelined: bool = True, **options) -> "StreamDiTStream":
         """An endless stream of `StreamChunk`s for `prompt` (options as `prepare_stream`).
 
         `video`: an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3) to restyle (video-to-video, with
         `strength`); the stream then ends with its input. `state`: resume a saved stream instead of starting one.
+        `pipelined`: denoise the next chunk on a thread of its own while this one decodes (False: in turn, on the
+        caller's thread); the frames are the same.
         """
+        if not isinstance(pipelined, bool):
+            raise ValueError(f"pipelined={pipelined!r} must be True or False")
         source = None if video is None else _VideoSource(video)
         if state is None:
             if not isinstance(prompt, str):
@@ -408,7 +465,7 @@ class StreamDiTPipeline(DiffusionPipeline):
             if source is not None:  # the first buffer's worth of input frames
                 first = source.take(self.scheduler.config.buffer_frames * self.vae_scale_factor_temporal)
             state = self.prepare_stream(prompt, video=first, video_complete=source is None or source.ended, **options)
-        return StreamDiTStream(self, state, source)
+        return StreamDiTStream(self, state, source, pipelined)
 
     # 3. Fixed-length generation
 
@@ -497,26 +554,164 @@ class _VideoSource:
         return np.concatenate(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
 
 
+class _PromptBox:
+    """The prompt `set_prompt` asked for, handed from any thread to the denoiser's next micro step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = self.latest = None
+
+    def put(self, prompt):
+        with self._lock:
+            self._pending = self.latest = prompt
+
+    def take(self):
+        with self._lock:
+            prompt, self._pending = self._pending, None
+        return prompt
+
+
+class _Denoiser:
+    """The denoiser side of a stream: a new prompt, input frames, micro steps until the buffer releases a chunk.
+    Runs on the caller's thread (sequential stream) or on its own (pipelined, `_DenoiserThread`)."""
+
+    def __init__(self, pipe: StreamDiTPipeline, video: _VideoSource | None, prompts: _PromptBox):
+        self.pipe, self.video, self.prompts = pipe, video, prompts
+        self.stop = threading.Event()
+
+    def chunk(self, state: StreamState) -> tuple[StreamState, _Released | None]:
+        """Micro steps until a release; (state, None) if stopped first."""
+        latents = None
+        while latents is None:
+            if self.stop.is_set():
+                return state, None
+            prompt = self.prompts.take()
+            if prompt is not None:
+                state.set_prompt(prompt)
+            self._top_up_video(state)
+            state, latents = self.pipe.advance(state)
+        return state, self.pipe._released(state, latents)
+
+    def _top_up_video(self, state):
+        """Keeps one chunk of input frames pending, so a release never waits on the input."""
+        if self.video is None or state.video_ended:
+            return
+        need = state.buffer.partition.chunk_size * self.pipe.vae_scale_factor_temporal
+        missing = need - len(state.video_pending)
+        if missing > 0:
+            self.pipe.feed_video(state, self.video.take(missing), end=False)
+            state.video_ended = self.video.ended
+
+
+@dataclass
+class _Handoff:
+    """A released chunk and the denoiser's state right after its release (a snapshot the thread no longer writes)."""
+
+    released: _Released
+    state: StreamState
+
+
+class _DenoiserThread:
+    """Runs a `_Denoiser` on its own thread, handing each released chunk to the caller over a queue of one.
+
+    The denoiser takes a slot before each chunk and the caller gives it back when it takes the chunk, so the denoiser
+    is at most one chunk ahead: it works on chunk k + 1 while the caller decodes chunk k, then waits. Holds no
+    reference to the stream, so a stream that is dropped unclosed is collected and its finalizer stops the thread.
+    """
+
+    def __init__(self, denoiser: _Denoiser, state: StreamState):
+        self.denoiser = denoiser
+        self.handoffs = queue.Queue(maxsize=1)  # a _Handoff, the denoiser's exception, or None once stopped
+        self.slot = threading.Semaphore(1)
+        self.thread = threading.Thread(target=self._run, args=(state,), name="streamdit-denoiser", daemon=True)
+        self.thread.start()
+
+    def _run(self, state):
+        try:
+            with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
+                while self._claim_slot():
+                    state, released = self.denoiser.chunk(state)
+                    if released is None:  # stopped mid-chunk
+                        return
+                    self.handoffs.put(_Handoff(released, _snapshot(state)))  # never waits: the slot says it is empty
+        except BaseException as error:  # raised again in the caller's __next__
+            self.handoffs.put(error)
+
+    def _claim_slot(self):
+        self.slot.acquire()
+        return not self.denoiser.stop.is_set()
+
+    def take(self) -> _Handoff | None:
+        """The next released chunk (None once stopped); an exception in the denoiser is raised here."""
+        handoff = self.handoffs.get()
+        if isinstance(handoff, BaseException):
+            raise handoff
+        if handoff is not None:
+            self.slot.release()  # the denoiser may start the next chunk while the caller decodes this one
+        return handoff
+
+    def stop(self):
+        """Stops the denoiser after its current micro step and waits for it."""
+        self.denoiser.stop.set()
+        self.slot.release()  # wakes a denoiser waiting for its slot
+        if threading.current_thread() is self.thread:  # the garbage collector ran the finalizer here; it ends soon
+            return
+        self.thread.join()
+        # Drop the chunk the caller will not take (its tensors), and leave None: it ends a __next__ waiting here.
+        try:
+            self.handoffs.get_nowait()
+        except queue.Empty:
+            pass
+        self.handoffs.put_nowait(None)
+
+
 class StreamDiTStream:
     """Iterating yields `StreamChunk`s forever (text-to-video) or until the input ends (video-to-video).
 
-    `set_prompt` may be called from another thread (a UI callback); the new prompt takes effect at the next micro
-    step. `close()` ends the stream. The whole stream lives in `self.state`, which pickles.
+    Pipelined (the default, as in the paper): a denoiser thread runs the micro steps and hands each released chunk to
+    the iterating thread, which decodes it while the denoiser already works on the next one, at most one chunk ahead.
+    The frames are bit for bit those of the sequential stream (`pipelined=False`: micro steps and decoding in turn, on
+    the iterating thread). An exception in the denoiser thread is raised by `__next__`. The denoiser thread pulls
+    the `video` input, so its iterable should not need the caller's thread.
+
+    `set_prompt` may be called from any thread (a UI callback); the new prompt takes effect at the denoiser's next
+    micro step. A denoiser thread may be anywhere in the chunk after the last one handed out, so where a prompt set
+    between chunks lands depends on timing; sequentially, it lands at the first micro step of the next chunk (use that
+    for reproducible switches). `close()`, leaving a `with` block or dropping the stream ends it and stops the thread.
+
+    `state` is the whole stream as of the last chunk handed out, a picklable `StreamState`, and resuming it
+    (`pipe.stream(state=...)`) goes on with the next chunk; after `close()` it also carries the last prompt asked for.
+    While a denoiser thread runs, `state` is a snapshot that the thread no longer writes, safe to read and pickle
+    between chunks; the thread's work beyond it (up to one chunk) is dropped at `close()`, and with it, for
+    video-to-video, the input frames the thread took for that work. Sequential: `state` is the live state, which
+    `pipe.advance(stream.state)` may step by hand.
     """
 
-    def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: _VideoSource | None = None):
-        self.pipe, self.state, self.video = pipe, state, video
+    def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: _VideoSource | None = None,
+                 pipelined: bool = True):
+        self.pipe, self.state, self.pipelined = pipe, state, pipelined
         self.closed = False
-        self._pending_prompt = None
-        self._lock = threading.Lock()
+        self._prompts = _PromptBox()
+        self._denoiser = _Denoiser(pipe, video, self._prompts)
+        self._thread = None  # _DenoiserThread, started by the first __next__ of a pipelined stream
+        self._stop_thread = None  # weakref.finalize: stops the thread when the stream is dropped unclosed
+        self._lock = threading.Lock()  # `state` against a close() from another thread
 
     def set_prompt(self, prompt: str):
         self.pipe.check_prompt(prompt)  # a bad prompt fails here, in the caller, and the stream keeps its old one
-        with self._lock:
-            self._pending_prompt = prompt
+        self._prompts.put(prompt)
 
     def close(self):
-        self.closed = True
+        """Ends the stream; a denoiser thread finishes its micro step and is joined here."""
+        with self._lock:  # a __next__ on another thread either sees `closed` or has left its thread to stop here
+            self.closed = True
+            stop_thread = self._stop_thread
+        if stop_thread is not None:
+            stop_thread()  # calls _DenoiserThread.stop once, however often close() runs
+        with self._lock:
+            latest = self._prompts.latest
+            if latest is not None and self.state.prompt != [latest] * len(self.state.prompt):
+                self.state.set_prompt(latest)  # asked for but not yet in the state: a resumed stream takes it up
 
     def __iter__(self):
         return self
@@ -524,28 +719,38 @@ class StreamDiTStream:
     def __next__(self) -> StreamChunk:
         if self.closed or self.state.finished:
             raise StopIteration
-        latents = None
-        while latents is None:
-            with self._lock:
-                if self._pending_prompt is not None:
-                    self.state.set_prompt(self._pending_prompt)
-                    self._pending_prompt = None
-            self._top_up_video()
-            self.state, latents = self.pipe.advance(self.state)
-        chunk = self.pipe.decode_chunk(self.state, latents)
+        if self.pipelined:
+            chunk = self._next_pipelined()
+        else:
+            self.state, released = self._denoiser.chunk(self.state)
+            chunk = self.pipe._decode_released(self.state, released)
+        if self.state.finished or len(chunk.frames) == 0:
+            self.close()  # the input has ended: no more micro steps
         if len(chunk.frames) == 0:  # only padding after the input video's end
             raise StopIteration
         return chunk
 
-    def _top_up_video(self):
-        """Keeps one chunk of input frames pending, so a release never waits on the input."""
-        if self.video is None or self.state.video_ended:
-            return
-        need = self.state.buffer.partition.chunk_size * self.pipe.vae_scale_factor_temporal
-        missing = need - len(self.state.video_pending)
-        if missing > 0:
-            self.pipe.feed_video(self.state, self.video.take(missing), end=False)
-            self.state.video_ended = self.video.ended
+    def _next_pipelined(self) -> StreamChunk:
+        with self._lock:
+            if self.closed:
+                raise StopIteration
+            if self._thread is None:
+                self._thread = _DenoiserThread(self._denoiser, _snapshot(self.state))  # the thread's own state
+                self._stop_thread = weakref.finalize(self, self._thread.stop)
+            thread = self._thread
+        try:
+            handoff = thread.take()
+        except BaseException:
+            self.close()
+            raise
+        with self._lock:
+            if handoff is None or self.closed:  # closed meanwhile, from another thread
+                raise StopIteration
+            # The denoiser's state at the release, with the decoder side carried on from ours.
+            for name in _DECODER_SIDE:
+                setattr(handoff.state, name, getattr(self.state, name))
+            self.state = handoff.state
+            return self.pipe._decode_released(self.state, handoff.released)
 
     def __enter__(self):
         return self

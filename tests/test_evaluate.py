@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamdit.data import SIDE, Scene, caption, render, sample_scene
-from streamdit.evaluate import adherence, read_video, summarise
+from streamdit.evaluate import adherence, read_video, stream_frames, summarise
 
 
 def test_detector_scores_generator_videos_at_100_percent():
@@ -52,3 +52,13 @@ def test_detector_sees_flicker_and_identity_loss():
     assert reading["identity"] == pytest.approx(20 / 24) and reading["flicker"] == pytest.approx(4 / 24)
     blank = np.zeros((8, SIDE, SIDE, 3), np.uint8)
     assert read_video(blank)["colour"] is None and read_video(blank)["object_frames"] == 0
+
+
+def test_stream_frames_switches_prompts_in_a_sequential_stream(pipe, monkeypatch):
+    """A denoiser thread runs up to a chunk ahead by a timing-dependent amount: a switch would land anywhere in it."""
+    modes, stream = [], pipe.stream
+    monkeypatch.setattr(pipe, "stream", lambda *args, **options: modes.append(options["pipelined"]) or stream(
+        *args, **options))
+    plain = stream_frames(pipe, "a red circle moving left", 1.0, seed=0)
+    switched = stream_frames(pipe, "a red circle moving left", 1.0, seed=0, switch=(0.5, "a blue square moving up"))
+    assert modes == [True, False] and plain.shape == switched.shape == (16, 16, 16, 3)

@@ -3,6 +3,8 @@
 import ctypes
 import gc
 import pickle
+import threading
+import time
 
 import numpy as np
 import psutil
@@ -67,14 +69,16 @@ def test_seeded_determinism(pipe):
         assert np.array_equal(a.frames, b.frames)
 
 
-def test_stream_chunks(pipe):
-    stream = pipe.stream(PROMPT, generator=seeded())
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_stream_chunks(pipe, pipelined):
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=pipelined)
     chunks = take(stream, 4)
     assert [c.index for c in chunks] == [0, 1, 2, 3]
     assert [c.start_frame for c in chunks] == [0, 8, 16, 24]
     assert all(c.frames.shape == (8, 16, 16, 3) and c.frames.dtype == np.uint8 for c in chunks)
     assert all(c.prompt == PROMPT and c.denoise_seconds > 0 and c.decode_seconds > 0 for c in chunks)
-    # start-up takes T = 8 micro steps (a uniform generation), then each chunk takes s = 2
+    # start-up takes T = 8 micro steps (a uniform generation), then each chunk takes s = 2; the state is the stream's
+    # as of the last chunk handed out, however far a denoiser thread has gone since
     assert stream.state.micro_step == 8 + 3 * 2
     stream.close()
     with pytest.raises(StopIteration):
@@ -90,6 +94,137 @@ def test_stream_equals_fixed_length_generation_with_overlapped_decoding(pipe):
     seamed = np.concatenate([c.frames for c in seamed]).astype(float)
     assert np.abs(seamed[:8] - whole[:8]).max() <= 1  # the first chunk has no past either way
     assert np.abs(seamed[8:] - whole[8:]).max() > 10  # without overlap, later chunks start from a blank past
+
+
+def test_pipelined_stream_equals_the_sequential_one(pipe):
+    def chunks(pipelined):
+        stream = pipe.stream(PROMPT, negative_prompt="a blue square", guidance_scale=2.0, generator=seeded(),
+                             pipelined=pipelined)
+        with stream:
+            return take(stream, 6)
+
+    for a, b in zip(chunks(True), chunks(False), strict=True):
+        assert np.array_equal(a.frames, b.frames)  # bit for bit
+        assert (a.index, a.start_frame, a.prompt) == (b.index, b.start_frame, b.prompt)
+
+
+def denoisers():
+    """Live denoiser threads (counted by name: other libraries' helper threads come and go on their own)."""
+    return sum(thread.name == "streamdit-denoiser" for thread in threading.enumerate())
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_pipelined_stream_denoises_the_next_chunk_while_decoding(pipe, monkeypatch, pipelined):
+    """Each decode is slowed until a micro step runs meanwhile; the first micro step of each chunk after start-up
+    waits for a decode to be under way. Both wait in vain (and time out) when the two cannot overlap."""
+    events, decoding, stepped = [], threading.Event(), threading.Event()
+    advance, decode = pipe.advance, pipe.decode_latents
+    patience = 5.0 if pipelined else 0.2
+
+    def recording_advance(state):
+        if state.micro_step >= 8 and state.micro_step % 2 == 0:
+            decoding.wait(patience)
+        events.append(("step", state.micro_step, threading.current_thread()))
+        stepped.set()
+        return advance(state)
+
+    def slow_decode(latents, context=None):
+        stepped.clear()
+        events.append(("decode", None, threading.current_thread()))
+        decoding.set()
+        stepped.wait(patience)
+        events.append(("decoded", None, threading.current_thread()))
+        decoding.clear()
+        return decode(latents, context)
+
+    monkeypatch.setattr(pipe, "advance", recording_advance)
+    monkeypatch.setattr(pipe, "decode_latents", slow_decode)
+    with pipe.stream(PROMPT, generator=seeded(), pipelined=pipelined) as stream:
+        take(stream, 2)
+    starts = [i for i, e in enumerate(events) if e[0] == "decode"]
+    ends = [i for i, e in enumerate(events) if e[0] == "decoded"]
+    during = [[e for e in events[a:b] if e[0] == "step"] for a, b in zip(starts, ends, strict=True)]
+    assert all(events[i][2] is threading.current_thread() for i in starts)  # decoding on the caller's thread
+    if pipelined:  # while chunk k decodes, the denoiser thread takes the micro steps of chunk k + 1
+        assert [{step for _, step, _ in steps} for steps in during] in ([{8}, {10}], [{8, 9}, {10, 11}],
+                                                                       [{8}, {10, 11}], [{8, 9}, {10}])
+        assert all(thread is not threading.current_thread() for steps in during for _, _, thread in steps)
+    else:
+        assert during == [[], []]
+
+
+def test_pipelined_stream_runs_at_most_one_chunk_ahead(pipe, monkeypatch):
+    steps = []
+    advance = pipe.advance
+    monkeypatch.setattr(pipe, "advance", lambda state: steps.append(state.micro_step) or advance(state))
+    with pipe.stream(PROMPT, generator=seeded()) as stream:
+        for held in range(3):  # the caller holds chunk `held` and asks for nothing more
+            next(stream)
+            ahead = 8 + 2 * (held + 1)  # micro steps up to the release of chunk held + 1
+            assert wait_until(lambda: len(steps) == ahead)  # the next chunk is denoised meanwhile...
+            time.sleep(0.2)
+            assert len(steps) == ahead  # ...and nothing beyond it, however long the caller waits
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_an_error_in_the_denoiser_is_raised_in_the_caller(pipe, monkeypatch, pipelined):
+    advance = pipe.advance
+
+    def failing_advance(state):
+        if state.micro_step == 9:
+            raise RuntimeError("out of memory at micro step 9")
+        return advance(state)
+
+    monkeypatch.setattr(pipe, "advance", failing_advance)
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=pipelined)
+    next(stream)  # chunk 0: micro steps 0-7
+    with pytest.raises(RuntimeError, match="micro step 9"):
+        next(stream)
+    assert denoisers() == 0
+    if pipelined:  # the denoiser thread is gone, and with it the stream
+        assert stream.closed
+        with pytest.raises(StopIteration):
+            next(stream)
+
+
+def test_close_stops_the_denoiser_thread(pipe):
+    stream = pipe.stream(PROMPT, generator=seeded())
+    take(stream, 2)
+    assert denoisers() == 1
+    stream.close()
+    assert denoisers() == 0
+    with pipe.stream(PROMPT, generator=seeded()) as stream:
+        next(stream)
+    assert denoisers() == 0
+    next(iter(pipe.stream(PROMPT, generator=seeded())))  # an abandoned stream: its finalizer stops the thread
+    gc.collect()
+    assert denoisers() == 0
+
+
+def test_close_from_another_thread_ends_a_waiting_next(pipe, monkeypatch):
+    advance, gate = pipe.advance, threading.Event()
+    monkeypatch.setattr(pipe, "advance", lambda state: (state.micro_step < 9 or gate.wait(5)) and advance(state))
+    stream = pipe.stream(PROMPT, generator=seeded())
+    next(stream)
+
+    def close_soon():
+        time.sleep(0.1)  # the caller is waiting for chunk 1 by now (it cannot come before the gate opens)
+        gate.set()
+        stream.close()
+
+    closer = threading.Thread(target=close_soon)
+    closer.start()
+    with pytest.raises(StopIteration):
+        next(stream)
+    closer.join()
+    assert denoisers() == 0
 
 
 def live_tensors():
@@ -111,7 +246,7 @@ def fixed_mmap_threshold():
 
 def test_stream_memory_is_flat(pipe):
     fixed_mmap_threshold()
-    stream = pipe.stream(PROMPT, generator=seeded())
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=False)  # a thread's tensors in flight would blur counts
     take(stream, 10)  # past start-up and the first allocations
     gc.collect()
     tensors, rss = live_tensors(), psutil.Process().memory_info().rss
@@ -124,8 +259,25 @@ def test_stream_memory_is_flat(pipe):
     assert psutil.Process().memory_info().rss - rss < 16 * 2**20
 
 
+def test_pipelined_stream_memory_is_flat(pipe):
+    fixed_mmap_threshold()
+
+    def closed_after(chunks):  # closing joins the thread: only the stream itself holds tensors then
+        stream = pipe.stream(PROMPT, generator=seeded())
+        take(stream, chunks)
+        stream.close()
+        gc.collect()
+        return stream, live_tensors(), psutil.Process().memory_info().rss
+
+    stream, tensors, rss = closed_after(10)
+    del stream
+    stream, more_tensors, more_rss = closed_after(60)
+    assert stream.state.micro_step == 8 + 59 * 2
+    assert more_tensors == tensors and more_rss - rss < 16 * 2**20
+
+
 def test_state_pickles_and_resumes(pipe):
-    stream = pipe.stream(PROMPT, generator=seeded())
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=False)  # stepped by hand below
     take(stream, 2)
     stream.state, released = pipe.advance(stream.state)  # stop mid-chunk, between two micro steps
     assert released is None
@@ -136,6 +288,28 @@ def test_state_pickles_and_resumes(pipe):
         assert np.array_equal(a.frames, b.frames) and a.index == b.index and a.start_frame == b.start_frame
 
 
+def test_pipelined_stream_state_resumes_with_the_next_chunk(pipe):
+    expected = take(pipe.stream(PROMPT, generator=seeded(), pipelined=False), 6)
+    stream = pipe.stream(PROMPT, generator=seeded())
+    take(stream, 2)
+    running = pickle.dumps(stream.state)  # while the thread works on chunk 2
+    take(stream, 1)
+    stream.close()  # drops the thread's work on chunk 3
+    for saved, start in ((running, 2), (pickle.dumps(stream.state), 3)):
+        resumed = take(pipe.stream(state=pickle.loads(saved)), 6 - start)
+        for a, b in zip(expected[start:], resumed, strict=True):
+            assert np.array_equal(a.frames, b.frames) and (a.index, a.start_frame) == (b.index, b.start_frame)
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_closed_stream_state_carries_the_last_prompt(pipe, pipelined):
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=pipelined)
+    next(stream)
+    stream.set_prompt("a blue square moving right")
+    stream.close()
+    assert stream.state.prompt == ["a blue square moving right"] and stream.state.prompt_embeds is None
+
+
 def record_text(pipe):
     """Records the text states every transformer call sees, and counts text encoder calls."""
     calls, encodes = [], []
@@ -144,21 +318,22 @@ def record_text(pipe):
     return calls, encodes
 
 
-def test_set_prompt_changes_conditioning_from_the_next_step(pipe):
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_set_prompt_changes_conditioning_from_the_next_step(pipe, pipelined):
     embeds = {p: pipe.encode_prompt([p])[0] for p in (PROMPT, "a blue square moving right")}
     calls, encodes = record_text(pipe)
-    stream = pipe.stream(PROMPT, generator=seeded())
-    next(stream)  # start-up: 8 micro steps
-    pipe.transformer.register_forward_hook(  # a UI thread changes the prompt during the 10th micro step
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=pipelined)
+    pipe.transformer.register_forward_hook(  # another thread changes the prompt during the 10th micro step
         lambda m, a, o: stream.set_prompt("a blue square moving right") if len(calls) == 10 else None
     )
-    chunks = take(stream, 2)
-    assert len(calls) == 12
+    chunks = take(stream, 3)  # start-up (8 micro steps), then 2 each
+    stream.close()
+    assert len(calls) in (12, 13, 14)  # a denoiser thread may have started on the next chunk
     for i, seen in enumerate(calls):
         expected = embeds[PROMPT] if i < 10 else embeds["a blue square moving right"]
         torch.testing.assert_close(seen, expected)
     assert len(encodes) == 2  # each prompt encoded once, not once per step
-    assert chunks[1].prompt == "a blue square moving right"
+    assert [c.prompt for c in chunks] == [PROMPT, PROMPT, "a blue square moving right"]  # chunk 1 left at step 10
 
 
 def test_set_prompt_rejects_bad_prompt_and_keeps_streaming(pipe):
@@ -212,6 +387,8 @@ def test_bad_stream_input_raises_value_error(pipe):
         pipe.stream(PROMPT, strength=0.5)
     with pytest.raises(ValueError, match="not divisible by the window"):
         tiny_pipeline(buffer_frames=9, chunk_size=3).stream(PROMPT)
+    with pytest.raises(ValueError, match="pipelined='yes'"):
+        pipe.stream(PROMPT, pipelined="yes")
 
 
 def test_classifier_free_guidance(pipe):
@@ -262,6 +439,20 @@ def test_video_to_video_streams_the_restyled_input():
     assert np.abs(light[4:] - reconstruction[:-4]).mean() > 3 * aligned  # ...frame for frame, not a latent frame off
     heavy = restyle(1.0, [video[:20], video[20:]])  # frame arrays
     assert heavy.shape == (37, 16, 16, 3) and np.abs(heavy - reconstruction).mean() > 30
+
+
+def test_video_to_video_pipelined_equals_sequential():
+    pipe = tiny_pipeline()
+    video = smooth_video(37)
+
+    def restyle(pipelined):
+        return list(pipe.stream(PROMPT, video=iter(video), strength=0.6, generator=seeded(), pipelined=pipelined))
+
+    pipelined, sequential = restyle(True), restyle(False)
+    assert denoisers() == 0  # the stream stopped its thread when the input ended
+    assert sum(len(c.frames) for c in pipelined) == 37  # it ends with its input
+    for a, b in zip(pipelined, sequential, strict=True):
+        assert np.array_equal(a.frames, b.frames) and a.start_frame == b.start_frame
 
 
 def test_video_to_video_resizes_input():
