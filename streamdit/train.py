@@ -190,10 +190,13 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, l
     checkpoint = latest_checkpoint(out / "checkpoints", stage)
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
+        lr_schedule.scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the command line's lr, not the saved one
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(state.step, steps, args)
         accelerator.print(f"resumed {stage} from {checkpoint} at step {state.step}")
     csv_path = out / f"{stage}-loss.csv"
-    if accelerator.is_main_process and not csv_path.exists():
-        csv_path.write_text("step,loss,lr,seconds\n")
+    if accelerator.is_main_process:
+        start_log(csv_path, state.step)
     progress = tqdm(total=steps, initial=state.step, desc=stage, disable=not accelerator.is_main_process)
     start = time.time()
     while state.step < steps:
@@ -217,6 +220,15 @@ def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, l
     progress.close()
     ema.copy_to(params)  # ship the EMA weights
     return [accelerator.unwrap_model(m) for m in trainable]
+
+
+def start_log(csv_path, step):
+    """A fresh loss log, or the old one cut back to `step`: rows an interrupted run wrote after its last checkpoint
+    would otherwise appear twice once the resumed run trains those steps again."""
+    rows = list(csv.reader(csv_path.open())) if csv_path.exists() else []
+    kept = [row for row in rows[1:] if int(row[0]) <= step]
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows([["step", "loss", "lr", "seconds"], *kept])
 
 
 def lr_factor(step, steps, args):

@@ -59,6 +59,21 @@ def test_resume_continues_from_the_saved_step(run, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["dit-4", "dit-6"]  # older ones pruned
 
 
+def test_resume_cuts_the_log_back_and_takes_the_new_lr(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "interrupted"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "4", "--checkpoint-every", "2", *TINY])
+    with (out / "dit-loss.csv").open("a") as f:  # rows an interrupted run wrote after its checkpoint at step 4
+        f.write("5,9.0,0.003,1.0\n6,9.0,0.003,1.0\n")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "6", "--checkpoint-every", "2", *TINY, "--lr", "1e-3"])
+    rows = list(csv.DictReader((out / "dit-loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))  # the stale 5 and 6 are gone, trained again
+    assert [float(r["lr"]) for r in rows] == [3e-3] * 4 + [1e-3] * 2
+    assert all(float(r["loss"]) != 9.0 for r in rows)
+
+
 def test_export_only_then_evaluate(run, tmp_path):
     from streamdit import evaluate
 
