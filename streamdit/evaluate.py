@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BACKGROUNDS, COLOURS, FPS, SIDE, SIZES, SPEEDS, caption, parse_caption, sample_scene
+from .data import BACKGROUNDS, COLOURS, FPS, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
 _BG = np.array(list(BACKGROUNDS.values()), np.float64)
@@ -159,6 +159,24 @@ def evaluate_adherence(pipe, prompts, seconds, seed, **options):
     return rows, samples
 
 
+@torch.no_grad()
+def evaluate_reconstructions(vae, count, seed, seconds=2):
+    """The detector on the autoencoder's reconstructions of generator videos, against their full captions: the
+    ceiling of what a DiT generating in this latent space can score (a perfect DiT still goes through the decoder)."""
+    rng = np.random.default_rng(seed)
+    frames_per_clip = int(seconds * FPS) // vae.temporal_compression * vae.temporal_compression
+    rows = []
+    for _ in range(count):
+        scene = sample_scene(rng)
+        video = torch.from_numpy(render(scene, frames_per_clip)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        recon = vae.decode(vae.encode(video.to(vae.device, vae.dtype))).float().clamp(-1, 1)  # (1, 3, T, H, W)
+        frames = ((recon[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        prompt = caption(scene, omit=0.0)
+        reading = read_video(frames)
+        rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
+    return summarise(rows)
+
+
 def summarise(rows):
     per_attribute = {}
     for name in ATTRIBUTES:
@@ -228,6 +246,8 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--micro-steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--reconstructions", type=int, default=0,
+                   help="also score the autoencoder's reconstructions of this many generator clips (the ceiling)")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     if args.model is None:
@@ -242,6 +262,9 @@ def main(argv=None):
     prompts = random_prompts(args.prompts, args.seed)
     rows, samples = evaluate_adherence(pipe, prompts, args.seconds, args.seed, **options)
     results = {"model": args.model, "prompts": len(prompts), **summarise(rows)}
+    if args.reconstructions:
+        ceiling = evaluate_reconstructions(pipe.vae, args.reconstructions, args.seed)
+        results |= {f"autoencoder_{k}": v for k, v in ceiling.items() if k.startswith(("all", "adherence"))}
     if args.drift_prompts:
         first, last = evaluate_drift(pipe, prompts[: args.drift_prompts], args.seed, args.drift_seconds, **options)
         results |= {"drift_first10s_all_attributes": first["all_attributes"],

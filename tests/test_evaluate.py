@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from streamdit.data import SIDE, Scene, caption, render, sample_scene
 from streamdit.evaluate import adherence, read_video, stream_frames, summarise
@@ -62,3 +63,27 @@ def test_stream_frames_switches_prompts_in_a_sequential_stream(pipe, monkeypatch
     plain = stream_frames(pipe, "a red circle moving left", 1.0, seed=0)
     switched = stream_frames(pipe, "a red circle moving left", 1.0, seed=0, switch=(0.5, "a blue square moving up"))
     assert modes == [True, False] and plain.shape == switched.shape == (16, 16, 16, 3)
+
+
+class _StandIn:
+    """An autoencoder stand-in: `decode(encode(x))` is `recon(x)`."""
+
+    temporal_compression, device, dtype = 4, torch.device("cpu"), torch.float32
+
+    def __init__(self, recon):
+        self.recon = recon
+
+    def encode(self, video):
+        return video
+
+    def decode(self, latents):
+        return self.recon(latents)
+
+
+def test_reconstruction_ceiling_reads_what_the_decoder_gives_back():
+    from streamdit.evaluate import evaluate_reconstructions
+
+    perfect = evaluate_reconstructions(_StandIn(lambda x: x), count=12, seed=3)
+    assert perfect["all_attributes"] == 1.0
+    blank = evaluate_reconstructions(_StandIn(lambda x: torch.zeros_like(x)), count=12, seed=3)  # gray, no object
+    assert blank["adherence_colour"] == 0.0 and blank["all_attributes"] == 0.0
