@@ -325,9 +325,9 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
 
 
 # Named sizes. "tiny" builds in milliseconds for tests; "small" is the built-in shapes-world model (128x128 video,
-# 16x16x8 latents, an 8-frame buffer = 512 tokens, 4.9M parameters: sized to train on a 2-core CPU and to stream in
-# real time there); "large" is the paper's real-time shape (16 latent frames at 512p: 64x64x8 latents) at about 4B
-# parameters, for GPUs.
+# 16x16x8 latents in 4x4 patches, an 8-frame buffer = 128 tokens, 5.0M parameters: sized to train on a 2-core CPU and
+# to stream in real time there; 2x2 patches cost four times as much a sample); "large" is the paper's real-time shape
+# (16 latent frames at 512p: 64x64x8 latents) at about 4B parameters, for GPUs.
 PRESETS = {
     "tiny": dict(
         in_channels=4, patch_size=1, hidden_size=32, num_layers=2, num_heads=2, text_dim=16,
