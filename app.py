@@ -25,7 +25,7 @@ import torch
 import streamdit
 from streamdit import StreamDiTPipeline
 from streamdit.data import FPS
-from streamdit.pipeline import parse_prompt_schedule
+from streamdit.pipeline import VideoSource, parse_prompt_schedule
 from streamdit.video import VideoWriter, read_video
 
 SEGMENT_SECONDS = 1.0  # length of each MPEG-TS segment sent to the player
@@ -124,7 +124,7 @@ def chunks(state, schedule, max_seconds, live, clip=None):
             prompt = seen = live["prompt"]
             state.set_prompt(prompt)
         if clip is not None:
-            clip.feed(state)
+            PIPE.top_up_video(state, clip)  # one chunk of input per GPU call, not the whole clip
         called = time.perf_counter()
         state, chunk = next_chunk(state)
         latency = time.perf_counter() - called
@@ -132,29 +132,6 @@ def chunks(state, schedule, max_seconds, live, clip=None):
         out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
         frames += len(out)
         yield out, status_line(frames, started, first_frame, latency, prompt)
-
-
-class Clip:
-    """An uploaded clip, kept in the visitor's generator rather than in the stream state: on ZeroGPU the state is
-    pickled into every GPU call, and it should carry the one chunk of input that call takes, not the whole clip."""
-
-    def __init__(self, frames):
-        self.frames, self.taken = frames, 0
-
-    @property
-    def ended(self):
-        return self.taken >= len(self.frames)
-
-    def take(self, count):
-        out = self.frames[self.taken : self.taken + count]
-        self.taken += len(out)
-        return out
-
-    def feed(self, state):
-        """Tops the state's pending input up to one chunk: what the next release draws, so no call runs short."""
-        missing = state.buffer.partition.chunk_size * PIPE.vae_scale_factor_temporal - len(state.video_pending)
-        if missing > 0 and not state.video_ended:
-            PIPE.feed_video(state, self.take(missing), end=self.ended)
 
 
 def segments(chunk_stream):
@@ -237,12 +214,13 @@ def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
         raise gr.Error(f"could not read the uploaded video: {error}") from None
     if live is not None:
         live["prompt"] = prompt
-    yield from segments(restyled(Clip(frames), prompt, strength, seed, max_seconds, live))
+    yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live))
 
 
 def restyled(clip, prompt, strength, seed, max_seconds, live):
-    """The (frames, status) chunks of a restyle: the state starts with the first buffer's worth of the clip, as the
-    library's `pipe.stream(video=...)` does, and is then fed one chunk ahead of each GPU call."""
+    """The (frames, status) chunks of a restyle. The uploaded clip stays in this generator (a `VideoSource`), not in
+    the stream state: the state starts with the first buffer's worth of it, as the library's `pipe.stream(video=...)`
+    does, and is then fed one chunk ahead of each GPU call."""
     first = clip.take(PIPE.scheduler.config.buffer_frames * PIPE.vae_scale_factor_temporal)
     state = PIPE.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
                                 generator=torch.Generator().manual_seed(seed))

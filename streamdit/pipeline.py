@@ -318,6 +318,17 @@ class StreamDiTPipeline(DiffusionPipeline):
             state.video_pending = np.concatenate([state.video_pending, frames])
         state.video_ended = state.video_ended or end
 
+    def top_up_video(self, state: StreamState, source: "VideoSource"):
+        """Keeps one chunk of input frames pending in a video-to-video `state`, pulled from `source`: a release never
+        waits on the input, and the state carries no more than the next release draws (on ZeroGPU it is pickled into
+        every GPU call)."""
+        if state.video_ended:
+            return
+        missing = state.buffer.partition.chunk_size * self.vae_scale_factor_temporal - len(state.video_pending)
+        if missing > 0:
+            self.feed_video(state, source.take(missing), end=False)
+            state.video_ended = source.ended
+
     def _take_input(self, state, count):
         """The next `count` input frames; past the input's end the last frame repeats (and is trimmed on output)."""
         pending = state.video_pending
@@ -457,7 +468,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         """
         if not isinstance(pipelined, bool):
             raise ValueError(f"pipelined={pipelined!r} must be True or False")
-        source = None if video is None else _VideoSource(video)
+        source = None if video is None else VideoSource(video)
         if state is None:
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt={prompt!r} must be a string (streams take one prompt)")
@@ -536,7 +547,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         return StreamDiTPipelineOutput(frames=frames) if return_dict else (frames,)
 
 
-class _VideoSource:
+class VideoSource:
     """Pulls input frames from an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3)."""
 
     def __init__(self, video):
@@ -575,7 +586,7 @@ class _Denoiser:
     """The denoiser side of a stream: a new prompt, input frames, micro steps until the buffer releases a chunk.
     Runs on the caller's thread (sequential stream) or on its own (pipelined, `_DenoiserThread`)."""
 
-    def __init__(self, pipe: StreamDiTPipeline, video: _VideoSource | None, prompts: _PromptBox):
+    def __init__(self, pipe: StreamDiTPipeline, video: VideoSource | None, prompts: _PromptBox):
         self.pipe, self.video, self.prompts = pipe, video, prompts
         self.stop = threading.Event()
 
@@ -593,14 +604,8 @@ class _Denoiser:
         return state, self.pipe._released(state, latents)
 
     def _top_up_video(self, state):
-        """Keeps one chunk of input frames pending, so a release never waits on the input."""
-        if self.video is None or state.video_ended:
-            return
-        need = state.buffer.partition.chunk_size * self.pipe.vae_scale_factor_temporal
-        missing = need - len(state.video_pending)
-        if missing > 0:
-            self.pipe.feed_video(state, self.video.take(missing), end=False)
-            state.video_ended = self.video.ended
+        if self.video is not None:
+            self.pipe.top_up_video(state, self.video)
 
 
 @dataclass
@@ -687,7 +692,7 @@ class StreamDiTStream:
     `pipe.advance(stream.state)` may step by hand.
     """
 
-    def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: _VideoSource | None = None,
+    def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: VideoSource | None = None,
                  pipelined: bool = True):
         self.pipe, self.state, self.pipelined = pipe, state, pipelined
         self.closed = False

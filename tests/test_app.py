@@ -142,7 +142,7 @@ def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkey
 
     monkeypatch.setattr(app, "next_chunk", recording)
     frames = np.random.default_rng(0).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
-    ours = np.concatenate([out for out, _ in app.restyled(app.Clip(frames), "a red circle moving left", 0.6, 3, 30,
+    ours = np.concatenate([out for out, _ in app.restyled(app.VideoSource(frames), "a red circle moving left", 0.6, 3, 30,
                                                           None)])
     stream = pipe.stream("a red circle moving left", video=frames, strength=0.6,
                          generator=torch.Generator().manual_seed(3))
