@@ -15,7 +15,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from conftest import ROOT, running_app, shows_colour, tiny_pipeline
+from conftest import MODEL_NOT_READY, ROOT, running_app, shows_colour, tiny_pipeline
 from streamdit.video import read_video, write_video
 
 FPS = 16
@@ -164,8 +164,7 @@ def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
     assert "40 frames" in status and "last chunk latency" in status
 
 
-@pytest.mark.xfail(reason="the built-in model does not yet draw the prompt's object reliably "
-                          "(README: colour 73%, often none on white)", strict=False)
+@MODEL_NOT_READY
 def test_stream_shows_the_prompts_colour(shipped_app):
     job = wait(client(shipped_app).submit("a red square moving right on a white background", 0, "", 3,
                                           api_name="/stream"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, colour_counts, library_frames, shows_colour
+from conftest import MODEL_NOT_READY, ROOT, colour_counts, library_frames, shows_colour
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download its own, which we never do
 if not CHROMIUM.exists():
@@ -89,8 +89,7 @@ def test_browser_shows_the_librarys_frames(shown):
     assert errors[best] < 8 / 255, f"frame at {played:.3f} s: mean errors {errors} against library frames"
 
 
-@pytest.mark.xfail(reason="the built-in model does not yet draw the prompt's object reliably "
-                          "(README: colour 73%, often none on white)", strict=False)
+@MODEL_NOT_READY
 def test_browser_frame_shows_the_prompts_colour(shown):
     _, frame = shown
     assert shows_colour(frame, "red"), f"pixels per palette colour: {colour_counts(frame)}"
