@@ -306,9 +306,10 @@ def train_dit(args):
     vae = StreamDiTAutoencoder.from_pretrained(out / "vae").to(accelerator.device).eval().requires_grad_(False)
     scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
                                    micro_steps=args.micro_steps, shift=args.shift)
+    window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
     transformer = from_preset(args.preset, in_channels=args.latent_channels,
                               sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
-                                           args.side // vae.spatial_compression))
+                                           args.side // vae.spatial_compression), **window)
     tokenizer, text_encoder = new_text_side(transformer.config.text_dim)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -370,6 +371,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--preset", default="small")
+    p.add_argument("--window-size", type=int, nargs=3, default=None, metavar=("FRAMES", "HEIGHT", "WIDTH"),
+                   help="attention window in tokens (default: the preset's); weights do not depend on it, so a run "
+                        "can resume with another window")
     p.add_argument("--buffer-frames", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=2)
     p.add_argument("--micro-steps", type=int, default=4)
