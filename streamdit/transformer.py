@@ -328,8 +328,8 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
 # 16x16x8 latents in 4x4 patches, an 8-frame buffer = 128 tokens, 5.0M parameters: sized to train on a 2-core CPU and
 # to stream in real time there; 2x2 patches cost four times as much a sample). Its window is the whole buffer: at 128
 # tokens full attention costs next to nothing, and 4-frame windows left a visible jump in motion at the window border
-# (the model up to step 17250 was trained with (4, 4, 4) windows; the weights carry over unchanged). "large" is the paper's real-time shape
-# (16 latent frames at 512p: 64x64x8 latents) at about 4B parameters, for GPUs.
+# (the model up to step 17250 was trained with (4, 4, 4) windows; the weights carry over unchanged). "large" is the
+# paper's real-time shape (16 latent frames at 512p: 64x64x8 latents) at about 4B parameters, for GPUs.
 PRESETS = {
     "tiny": dict(
         in_channels=4, patch_size=1, hidden_size=32, num_layers=2, num_heads=2, text_dim=16,
