@@ -141,16 +141,30 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         temporal_kernel_size: int = 3,
         scaling_factor: float = 1.0,
         shift_factor: float = 0.0,
+        decoder_block_out_channels: tuple | None = None,
+        decoder_layers_per_block: int | None = None,
     ):
         super().__init__()
         channels, flags = list(block_out_channels), [bool(f) for f in temporal_downsample]
+        # The decoder may be wider or deeper than the encoder (None: it mirrors the encoder). Only the decoder then
+        # changes, so a sharper decoder can be trained for latents a DiT was already trained on.
+        decoder_channels = list(decoder_block_out_channels or channels)
+        decoder_layers = decoder_layers_per_block or layers_per_block
         if len(flags) != len(channels) - 1:
             raise ValueError(
                 f"temporal_downsample={tuple(temporal_downsample)} needs len(block_out_channels) - 1 = "
                 f"{len(channels) - 1} entries"
             )
-        if layers_per_block < 1:
-            raise ValueError(f"layers_per_block={layers_per_block} must be at least 1")
+        if len(decoder_channels) != len(channels):
+            raise ValueError(
+                f"decoder_block_out_channels={tuple(decoder_channels)} needs {len(channels)} entries, one per "
+                f"stage of block_out_channels={tuple(channels)}"
+            )
+        if min(layers_per_block, decoder_layers) < 1:
+            raise ValueError(
+                f"layers_per_block={layers_per_block} and decoder_layers_per_block={decoder_layers_per_block} "
+                "must be at least 1"
+            )
         if temporal_kernel_size < 1:
             raise ValueError(f"temporal_kernel_size={temporal_kernel_size} must be at least 1")
         # temporal_kernel_size=1 makes every conv but the temporal resampling per-frame: the decoder then needs only a
@@ -164,10 +178,10 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         )
         # The decoder mirrors the encoder: mid block first, widest stage first, temporal upsampling reversed.
         self.decoder = nn.Sequential(
-            CausalConv3d(latent_channels, bottom, (kt, 3, 3)),
-            ResBlock(bottom, bottom, kt),  # mid block
-            *stages(channels[::-1], layers_per_block, Upsample, flags[::-1], kt),
-            *head(top, in_channels, kt),
+            CausalConv3d(latent_channels, decoder_channels[-1], (kt, 3, 3)),
+            ResBlock(decoder_channels[-1], decoder_channels[-1], kt),  # mid block
+            *stages(decoder_channels[::-1], decoder_layers, Upsample, flags[::-1], kt),
+            *head(decoder_channels[0], in_channels, kt),
         )
         t_c = self.temporal_compression
         self._decoder_context = math.ceil(causal_lookback(self.decoder))

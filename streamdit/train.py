@@ -294,8 +294,22 @@ def train_vae(args):
 
 def train_decoder(args):
     """Fine-tunes only the decoder: sharper frames from the same latents, so a DiT trained on them stays valid.
-    The latent normalisation is kept."""
+    The latent normalisation is kept. With --decoder-channels or --decoder-layers unlike the saved decoder's, a new
+    (wider or deeper) decoder is trained from scratch behind the saved encoder."""
     vae = StreamDiTAutoencoder.from_pretrained(Path(args.output_dir) / "vae")
+    wanted = {
+        "decoder_block_out_channels": tuple(args.decoder_channels or vae.config.decoder_block_out_channels
+                                            or vae.config.block_out_channels),
+        "decoder_layers_per_block": args.decoder_layers or vae.config.decoder_layers_per_block
+        or vae.config.layers_per_block,
+    }
+    saved = {"decoder_block_out_channels": tuple(vae.config.decoder_block_out_channels
+                                                 or vae.config.block_out_channels),
+             "decoder_layers_per_block": vae.config.decoder_layers_per_block or vae.config.layers_per_block}
+    if wanted != saved:
+        encoder = vae.encoder.state_dict()
+        vae = StreamDiTAutoencoder(**{**vae.config, **wanted})
+        vae.encoder.load_state_dict(encoder)
     vae.encoder.requires_grad_(False)
     fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False)
 
@@ -367,6 +381,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 16, 32, 64])
     p.add_argument("--latent-channels", type=int, default=8)
     p.add_argument("--decoder-steps", type=int, default=1000)
+    p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
+                   help="decoder stage widths, full resolution first (default: the saved decoder's)")
+    p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved)")
     # DiT
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=3e-4)

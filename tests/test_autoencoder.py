@@ -83,6 +83,33 @@ def test_bad_shapes_raise(vae, method, shape):
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="temporal_downsample"):
         StreamDiTAutoencoder(block_out_channels=(8, 8, 8), temporal_downsample=(True,))
+    with pytest.raises(ValueError, match=re.escape("decoder_block_out_channels=(8, 8)")):
+        StreamDiTAutoencoder(**TINY, decoder_block_out_channels=(8, 8))
+    with pytest.raises(ValueError, match="decoder_layers_per_block=0|layers_per_block=0"):
+        StreamDiTAutoencoder(**TINY, layers_per_block=0)
+
+
+@torch.no_grad()
+def test_wider_decoder_behind_the_same_encoder():
+    """A decoder of its own widths and depth: the encoder (so the latent space) is the mirrored model's, and chunked
+    decoding with the computed context stays exact."""
+    torch.manual_seed(0)
+    plain = StreamDiTAutoencoder(**TINY).eval()
+    wide = StreamDiTAutoencoder(**TINY, decoder_block_out_channels=(4, 8, 16), decoder_layers_per_block=2).eval()
+    wide.encoder.load_state_dict(plain.encoder.state_dict())
+    assert [p.shape for p in wide.encoder.parameters()] == [p.shape for p in plain.encoder.parameters()]
+    widths = [m.conv.out_channels for m in wide.decoder.modules() if type(m).__name__ == "CausalConv3d"]
+    assert 16 in widths and 4 in widths and max(widths) == 16  # (4, 8, 16): full resolution first
+    resblocks = sum(type(m).__name__ == "ResBlock" for m in wide.decoder)
+    assert resblocks == 1 + 3 * 2  # mid block + two per stage
+    video = torch.rand(1, 3, 16, 16, 16) * 2 - 1
+    torch.testing.assert_close(wide.encode(video), plain.encode(video), rtol=0, atol=0)
+    latents = torch.randn(1, 8, 6, 4, 4)
+    whole = wide.decode(latents)
+    assert whole.shape == (1, 3, 24, 16, 16)
+    ctx, k = wide.decoder_context_frames, 3
+    chunk = wide.decode(latents[:, :, k - ctx if k >= ctx else 0 :])[:, :, -(6 - k) * 4 :]
+    torch.testing.assert_close(chunk, whole[:, :, k * 4 :], rtol=0, atol=1e-5)
 
 
 def test_normalisation_round_trips():

@@ -106,3 +106,25 @@ def test_decoder_fine_tuning_keeps_the_latent_space(run, tmp_path):
         changed = not torch.equal(p, after.state_dict()[name])
         assert changed == name.startswith("decoder."), name  # the encoder, so the latents, are untouched
     assert after.config.scaling_factor == before.config.scaling_factor
+
+
+def test_a_wider_decoder_trains_behind_the_saved_encoder(run, tmp_path):
+    import shutil
+
+    import torch
+
+    from streamdit import StreamDiTAutoencoder
+
+    out = tmp_path / "wide"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", "--decoder-channels", "8", "8", "8",
+          "16", "--decoder-layers", "2", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    assert after.config.decoder_block_out_channels == [8, 8, 8, 16] and after.config.decoder_layers_per_block == 2
+    for name, p in before.encoder.state_dict().items():
+        assert torch.equal(p, after.encoder.state_dict()[name]), name  # same latent space
+    assert sum(p.numel() for p in after.decoder.parameters()) > sum(p.numel() for p in before.decoder.parameters())
+    assert after.config.scaling_factor == before.config.scaling_factor
+    video = torch.rand(1, 3, 8, 32, 32) * 2 - 1
+    assert after(video).shape == video.shape
