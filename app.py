@@ -211,7 +211,7 @@ def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
     try:
         frames = read_video(video)[: int(max_seconds * FPS)]
     except Exception as error:  # anything PyAV cannot decode
-        raise gr.Error(f"could not read the uploaded video: {error}") from None
+        raise gr.Error(f"could not read the uploaded video {Path(str(video)).name!r}: {error}") from None
     if live is not None:
         live["prompt"] = prompt
     yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live))

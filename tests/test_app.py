@@ -6,14 +6,18 @@ built-in model (here through the API, in tests/test_browser.py in a real browser
 """
 
 import importlib
+import inspect
+import re
 import sys
 import time
 
 import av
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from gradio_client import Client
+from gradio_client.utils import Status
 
 from conftest import MODEL_NOT_READY, ROOT, running_app, shows_colour, tiny_pipeline
 from streamdit.video import read_video, write_video
@@ -81,18 +85,24 @@ def test_two_clients_stream_their_own_prompts(server):
 
 def test_cancel_ends_the_stream_and_removes_its_files(server):
     url, tmp = server
+    started = time.time()
     job = client(url).submit("a green triangle moving right", 0, "", 300, api_name="/stream")
-    deadline = time.time() + 60
-    while len(job.outputs()) < 2:  # streaming, with a temporary folder of its own
+    deadline = started + 60
+    while len(job.outputs()) < 3:  # streaming, with a temporary folder of its own
         assert time.time() < deadline
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert any(tmp.glob("streamdit-*"))
+    at_cancel = len(job.outputs())
+    segment_time = (time.time() - started) / at_cancel  # at least one segment's time at this machine's speed
     job.cancel()
     deadline = time.time() + 30
-    while any(tmp.glob("streamdit-*")):
+    while any(tmp.glob("streamdit-*")):  # the server closed the stream's generator
         assert time.time() < deadline, "the stream's temporary files were not removed"
         time.sleep(0.2)
-    assert len(job.outputs()) < 300 * FPS / 16  # it stopped long before its 300 s
+    time.sleep(max(2.0, 3 * segment_time))  # a stream still running would send two or more segments meanwhile
+    late = len(job.outputs()) - at_cancel
+    assert late <= 1, f"{late} segments arrived after the cancel"  # one may have been on its way
+    assert job.status().code == Status.CANCELLED
 
 
 @pytest.mark.parametrize(
@@ -107,6 +117,8 @@ def test_cancel_ends_the_stream_and_removes_its_files(server):
     ],
 )
 def test_bad_inputs_return_the_error(server, args, message):
+    """The error reaches an API client and the server goes on. Gradio's own bounds on the Seed and Length components
+    can answer first; app.py's own messages are pinned by test_app_rejects_bad_input below."""
     url, _ = server
     with pytest.raises(Exception, match=message):
         client(url).predict(*args, api_name="/stream")
@@ -162,6 +174,122 @@ def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
         counts.append(len(read_video(segment)))  # now: a segment goes once the next one is out
     assert sum(counts) == 40 and len(counts) > 1
     assert "40 frames" in status and "last chunk latency" in status
+
+
+# app.py's input checks, called directly: through the server, Gradio's own component bounds can answer first.
+
+LONG = " ".join(["red"] * 40)
+
+
+@pytest.fixture
+def clip(tmp_path):
+    """A readable 16-frame clip for restyle, so that only the value under test is bad."""
+    frames = np.random.default_rng(2).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    return str(write_video([frames], tmp_path / "clip.mp4"))
+
+
+def first_output(function, **kwargs):
+    """Calls an app function; a generator (stream, restyle) checks its inputs when it is first advanced."""
+    result = function(**kwargs)
+    return next(result) if inspect.isgenerator(result) else result
+
+
+@pytest.mark.parametrize(
+    "function, bad, message",
+    [
+        ("stream", dict(prompt=""), "prompt '' is empty"),
+        ("stream", dict(prompt=LONG), f"prompt '{LONG}' needs"),
+        ("stream", dict(seed=-1), "seed=-1 "),
+        ("stream", dict(seed=1.5), "seed=1.5 must be an integer"),
+        ("stream", dict(seed=None), "seed=None "),  # an emptied Seed box
+        ("stream", dict(max_seconds=0), "max_seconds=0 "),
+        ("stream", dict(max_seconds=601), "max_seconds=601 "),
+        ("stream", dict(chunk_size=0), "chunk_size=0 must divide"),
+        ("stream", dict(chunk_size=2.5), "chunk_size=2.5 must divide"),
+        ("stream", dict(chunk_size=1000), "chunk_size=1000 must divide"),
+        ("stream", dict(micro_steps=0), "micro_steps=0 "),
+        ("stream", dict(micro_steps=65), "micro_steps=65 "),
+        ("stream", dict(micro_steps=2.5), "micro_steps=2.5 must be an integer"),
+        ("stream", dict(guidance_scale=0.5), "guidance_scale=0.5 "),
+        ("stream", dict(guidance_scale=20.5), "guidance_scale=20.5 "),
+        ("stream", dict(schedule="4: a blue square moving up"), "not at 4 s"),
+        ("stream", dict(schedule="zero: a blue square moving up"), "'zero: a blue square moving up'"),
+        ("stream", dict(schedule="0: a red circle | 2: "), "entry '2:'"),
+        ("generate", dict(seconds=0), "seconds=0 "),
+        ("generate", dict(seconds=121), "seconds=121 "),
+        ("generate", dict(seed=1.5), "seed=1.5 "),
+        ("generate", dict(micro_steps=0), "micro_steps=0 "),
+        ("restyle", dict(video=None), "upload a video to restyle"),
+        ("restyle", dict(video=""), "upload a video to restyle"),
+        ("restyle", dict(prompt=""), "prompt '' is empty"),
+        ("restyle", dict(strength=0.0), "strength=0.0 "),
+        ("restyle", dict(strength=1.5), "strength=1.5 "),
+        ("restyle", dict(seed=1.5), "seed=1.5 "),
+        ("restyle", dict(max_seconds=0), "max_seconds=0 "),
+        ("update_prompt", dict(prompt=""), "prompt '' is empty"),
+    ],
+)
+def test_app_rejects_bad_input(app, monkeypatch, clip, function, bad, message):
+    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    arguments = {
+        "stream": dict(prompt="a red circle moving left", max_seconds=1),
+        "generate": dict(prompt="a red circle moving left", seconds=1),
+        "restyle": dict(video=clip, prompt="a red circle moving left", max_seconds=1),
+        "update_prompt": dict(live={"prompt": "a red circle moving left"}),
+    }[function] | bad
+    with pytest.raises(gr.Error, match=re.escape(message)):
+        first_output(getattr(app, function), **arguments)
+    if function == "update_prompt":
+        assert arguments["live"] == {"prompt": "a red circle moving left"}  # the stream keeps its prompt
+
+
+def audio_only(path):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("name", ["notes.mp4", "empty.mp4", "sound.m4a", "missing.mp4"])
+def test_restyle_names_an_unreadable_video(app, monkeypatch, tmp_path, name):
+    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    path = tmp_path / name
+    if name == "notes.mp4":
+        path.write_text("not a video")
+    elif name == "empty.mp4":
+        path.touch()
+    elif name == "sound.m4a":
+        audio_only(path)  # a container PyAV opens, with no video stream in it
+    with pytest.raises(gr.Error, match=re.escape(f"could not read the uploaded video '{name}'")):
+        next(app.restyle(str(path), "a red circle moving left", 0.6, 0, 1))
+
+
+def test_update_prompt_switches_the_running_stream(app, monkeypatch):
+    """The UI's "Update prompt": the stream reads the visitor's `live` prompt between GPU calls."""
+    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+
+    def run(switch):
+        live = {}
+        state, schedule = app.start_stream("a red circle moving left", 3, "", None, None, None, live)
+        assert live == {"prompt": "a red circle moving left"}
+        frames, statuses = [], []
+        for out, status in app.chunks(state, schedule, 3, live):
+            frames.append(out)
+            statuses.append(status)
+            if switch and len(frames) == 1:
+                app.update_prompt("  a blue square moving up ", live)  # between two GPU calls, as a click lands
+        return np.concatenate(frames).astype(int), statuses, len(frames[0])
+
+    plain, plain_statuses, first = run(switch=False)
+    switched, statuses, _ = run(switch=True)
+    assert len(switched) == len(plain) == 3 * FPS and len(statuses) > 2
+    np.testing.assert_array_equal(switched[:first], plain[:first])  # the same stream until the switch...
+    assert np.abs(switched[-FPS:] - plain[-FPS:]).mean() > 2  # ...a different one after it
+    assert "prompt: *a red circle moving left*" in statuses[0]
+    assert all("prompt: *a blue square moving up*" in s for s in statuses[1:])
+    assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
 
 
 @MODEL_NOT_READY
