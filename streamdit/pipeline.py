@@ -12,6 +12,7 @@ f video frames, Hv, Wv video size.
 """
 
 import copy
+import numbers
 import queue
 import threading
 import time
@@ -142,6 +143,13 @@ def _frames_to_video(frames, height, width):
     return video.unsqueeze(0)
 
 
+def _require_video_input(state, caller):
+    """Input frames only fit a stream that was started from a video: a text-to-video buffer has no input to draw."""
+    if state.video_pending is None:
+        raise ValueError(f"{caller} needs a video-to-video stream (one started with video=...); this stream for "
+                         f"{state.prompt[0]!r} is text-to-video")
+
+
 def _as_frames(video):
     """An array, tensor or list of frames -> np uint8 (f, Hv, Wv, 3)."""
     frames = np.stack([np.asarray(frame) for frame in video]) if isinstance(video, list) else np.asarray(video)
@@ -219,8 +227,10 @@ class StreamDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a positive multiple of {factor} (vae factor x patch size)")
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale} must be >= 1 (1 turns guidance off)")
+        # A string would fail the comparison with a bare TypeError; `not >= 1` also turns away NaN.
+        number = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
+        if not number or not guidance_scale >= 1:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 1 (1 turns guidance off)")
         f = self.vae_scale_factor_spatial
         self.transformer.token_grid(partition.buffer_frames, height // f, width // f)  # ValueError if windows don't tile
         return prompts
@@ -296,7 +306,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         )
         if video is not None:
             if len(prompts) != 1:
-                raise ValueError("video-to-video streams take a single prompt")
+                raise ValueError(f"video-to-video streams take a single prompt, got {len(prompts)}: {prompts!r}")
             state.video_pending = np.zeros((0, height, width, 3), np.uint8)
             self.feed_video(state, video, end=video_complete)
             t = self.vae_scale_factor_temporal
@@ -309,6 +319,7 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     def feed_video(self, state: StreamState, frames, end: bool = False):
         """Appends input frames to a video-to-video stream; `end=True` says no more will come."""
+        _require_video_input(state, "feed_video")
         if frames is not None and len(frames):
             height, width = state.video_pending.shape[1:3]
             frames = _as_frames(frames)
@@ -322,6 +333,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         """Keeps one chunk of input frames pending in a video-to-video `state`, pulled from `source`: a release never
         waits on the input, and the state carries no more than the next release draws (on ZeroGPU it is pickled into
         every GPU call)."""
+        _require_video_input(state, "top_up_video")
         if state.video_ended:
             return
         missing = state.buffer.partition.chunk_size * self.vae_scale_factor_temporal - len(state.video_pending)

@@ -45,6 +45,9 @@ class Partition:
     @classmethod
     def from_buffer(cls, buffer_frames, chunk_size, micro_steps, reference_frames=0):
         """Derives N from B = K + N * c; raises ValueError naming the values when they do not fit."""
+        for name, value in (("buffer_frames", buffer_frames), ("reference_frames", reference_frames)):
+            if not isinstance(value, int) or isinstance(value, bool):  # else N = (B - K) / c is blamed for them
+                raise ValueError(f"partition {name}={value!r} must be an integer")
         chunked = buffer_frames - reference_frames
         if not isinstance(chunk_size, int) or chunk_size < 1 or chunked < chunk_size or chunked % chunk_size:
             raise ValueError(

@@ -106,8 +106,9 @@ class StreamDiTTextEncoder(ModelMixin, ConfigMixin):
                 f"attention_mask of shape {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
             )
         attention_mask = attention_mask.bool()  # (B, L)
-        if not attention_mask.any(dim=1).all():  # a row of only padding would attend to nothing: NaN
-            raise ValueError("attention_mask has a row without any real token")
+        empty = (~attention_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:  # a row of only padding would attend to nothing: NaN
+            raise ValueError(f"attention_mask rows {empty} have no real token")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
         x = self.encoder(x, src_key_padding_mask=~attention_mask)  # (B, L, D)

@@ -300,7 +300,7 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         """
         b, _, f, height, width = hidden_states.shape
         grid = self.token_grid(f, height, width)
-        if timestep.ndim == 1:
+        if timestep.shape == (b,):  # one level for all frames of a sample; any other shape is named below
             timestep = timestep[:, None].expand(b, f)
         if timestep.shape != (b, f):
             raise ValueError(f"timestep of shape {tuple(timestep.shape)} does not match a batch of {b} x {f} frames")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from streamdit.data import (
     BACKGROUNDS, COLOURS, FPS, SIZES, SPEEDS, VOCABULARY, Scene, caption, parse_caption, render, sample_batch,
@@ -119,6 +120,18 @@ def test_sample_batch():
     videos, captions, scenes = sample_batch(np.random.default_rng(0), 3, 8)
     assert videos.shape == (3, 3, 8, 128, 128) and len(captions) == 3 and len(scenes) == 3
     assert videos.min() >= -1 and videos.max() <= 1
+
+
+def test_sample_batch_renders_and_captions_each_scene():
+    videos, captions, scenes = sample_batch(np.random.default_rng(1), 4, 6, side=32)
+    assert len(set(scenes)) == 4
+    for video, text, s in zip(videos, captions, scenes, strict=True):
+        frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()  # back to uint8 frames
+        np.testing.assert_array_equal(frames, render(s, 6, side=32))
+        stated = parse_caption(text)
+        assert stated == {name: getattr(s, name) for name in stated}
+    full = sample_batch(np.random.default_rng(1), 4, 6, side=32, omit=0.0)[1]
+    assert [caption(s, omit=0.0) for s in scenes] == full  # same seed, same scenes; every attribute stated
 
 
 def test_bad_scene_raises():

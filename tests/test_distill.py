@@ -1,13 +1,17 @@
 """Distillation: the per-segment targets are the teacher's s guided steps, and a short run lowers the loss."""
 
+import copy
 import csv
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import guided_velocity, main, segment_starts, teacher_targets
+from streamdit.distill import distill_loss, guided_velocity, main, segment_starts, teacher_targets
+from streamdit.train import TrainState
 
 
 def test_segment_starts():
@@ -39,13 +43,60 @@ def test_teacher_targets_are_s_guided_euler_steps_per_segment():
     assert torch.equal(tau_end[:2], torch.ones(2))  # the cleanest chunk ends clean
 
 
-def test_guidance_one_is_the_conditional_velocity():
+@pytest.mark.parametrize("g", [1.0, 2.5])
+def test_guided_velocity_is_the_guidance_formula(g):
+    """Against separate conditional and unconditional calls; at g = 1 the formula is the conditional velocity, which
+    guided_velocity computes without the unconditional branch."""
     pipe = tiny_pipeline()
-    x, tau = torch.randn(1, 4, 8, 4, 4), torch.rand(8)
-    text, mask = pipe.encode_prompt(["a red circle"])
+    x, tau = torch.randn(2, 4, 8, 4, 4), torch.rand(8)
     with torch.no_grad():
-        plain = pipe.transformer(x, tau[None], text, mask).sample
-        torch.testing.assert_close(guided_velocity(pipe.transformer, x, tau, text, mask, None, None, 1.0), plain)
+        text, mask = pipe.encode_prompt(["a red circle", "a blue square"])
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+        cond = pipe.transformer(x, tau.expand(2, -1), text, mask).sample
+        empty = pipe.transformer(x, tau.expand(2, -1), uncond, uncond_mask).sample
+        guided = guided_velocity(pipe.transformer, x, tau, text, mask, uncond, uncond_mask, g)
+    torch.testing.assert_close(guided, empty + g * (cond - empty), atol=1e-5, rtol=1e-5)
+    assert (cond - empty).abs().max() > 0.1  # the branches differ: a wrong g would show
+
+
+def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step(monkeypatch):
+    """The loss's target recomputed by hand, with K = 2 reference frames: from each chunk's segment start, s = 2
+    guided teacher steps, divided by the segment's dtau. On the reference frames dtau = 0 and this student answers
+    0 / 0 = NaN: they give no signal and must not reach the loss."""
+    pipe = tiny_pipeline()
+    monkeypatch.setattr(pipe.scheduler, "training_partitions", lambda: [Partition(2, 3, 2, 1)])  # K 2, N 3, c 2
+    taus, g = pipe.scheduler.taus(Partition(2, 3, 2, 2)), 2.5  # T = 6 levels
+    start = torch.tensor([6, 6, 4, 4, 2, 2, 0, 0])  # reference frames clean, each chunk at its segment's start
+    moves = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1])
+    captions = ["a red circle moving left", "a blue square moving up"]
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    seen = []
+
+    def one_step_student(x, tau, text, mask):
+        seen.append(x)
+        torch.testing.assert_close(tau, taus[start].expand(2, -1))
+        y = x
+        with torch.no_grad():
+            for k in range(2):
+                t, t_next = taus[start + k * moves], taus[start + (k + 1) * moves]
+                cond = pipe.transformer(y, t.expand(2, -1), text, mask).sample
+                empty = pipe.transformer(y, t.expand(2, -1), uncond, uncond_mask).sample
+                y = y + (empty + g * (cond - empty)) * (t_next - t).view(1, 1, -1, 1, 1)
+        dtau = taus[start + 2 * moves] - taus[start]
+        return SimpleNamespace(sample=(y - x) / dtau.view(1, 1, -1, 1, 1))
+
+    x1 = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    args = SimpleNamespace(micro_steps=2, guidance_scale=g)
+
+    def loss(student):
+        return distill_loss(student, pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                            (x1, captions), args, TrainState(0))
+
+    assert loss(one_step_student) < 1e-10
+    torch.testing.assert_close(seen[0][:, :, :2], x1[:, :, :2])  # the reference frames are the clean latents
+    untrained = loss(copy.deepcopy(pipe.transformer).train())  # a student that is not the teacher's shortcut
+    assert torch.isfinite(untrained) and untrained > 1e-3
 
 
 def test_distillation_lowers_its_loss_and_exports_a_one_step_student(tmp_path):

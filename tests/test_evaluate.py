@@ -7,6 +7,8 @@ import torch
 from streamdit.data import SIDE, Scene, caption, render, sample_scene
 from streamdit.evaluate import adherence, read_video, stream_frames, summarise
 
+PROMPT = "a red circle moving left"
+
 
 def test_detector_scores_generator_videos_at_100_percent():
     rng = np.random.default_rng(7)
@@ -60,9 +62,17 @@ def test_stream_frames_switches_prompts_in_a_sequential_stream(pipe, monkeypatch
     modes, stream = [], pipe.stream
     monkeypatch.setattr(pipe, "stream", lambda *args, **options: modes.append(options["pipelined"]) or stream(
         *args, **options))
-    plain = stream_frames(pipe, "a red circle moving left", 1.0, seed=0)
-    switched = stream_frames(pipe, "a red circle moving left", 1.0, seed=0, switch=(0.5, "a blue square moving up"))
+    plain = stream_frames(pipe, PROMPT, 1.0, seed=0)
+    switched = stream_frames(pipe, PROMPT, 1.0, seed=0, switch=(0.5, "a blue square moving up"))
     assert modes == [True, False] and plain.shape == switched.shape == (16, 16, 16, 3)
+    # Chunk 0 (8 frames, 0.5 s at 16 fps) is out before the switch; a sequential stream switches at the first micro
+    # step of chunk 1, so chunk 1 is the one a hand-driven stream releases after set_prompt.
+    assert np.array_equal(switched[:8], plain[:8])
+    assert not np.array_equal(switched[8:], plain[8:])  # only its last 2 micro steps had the new prompt: a small change
+    by_hand = stream(PROMPT, generator=torch.Generator().manual_seed(0), pipelined=False)
+    next(by_hand)
+    by_hand.set_prompt("a blue square moving up")
+    assert np.array_equal(switched[8:], next(by_hand).frames)
 
 
 class _StandIn:

@@ -3,8 +3,8 @@
 import ctypes
 import gc
 import pickle
+import queue
 import threading
-import time
 
 import numpy as np
 import psutil
@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from conftest import tiny_pipeline
 from streamdit import StreamDiTPipeline, from_preset
+from streamdit.pipeline import VideoSource, _DenoiserThread, parse_prompt_schedule
 
 PROMPT = "a red circle moving left"
 
@@ -24,6 +25,13 @@ def seeded(seed=0):
 
 def take(stream, n):
     return [next(stream) for _ in range(n)]
+
+
+def smooth_video(frames=40, size=16):
+    t = np.arange(frames)[:, None, None, None]
+    y, x = np.mgrid[0:size, 0:size][..., None].transpose(0, 1, 2, 3)
+    video = 127 + 100 * np.sin(0.3 * x[None] + 0.2 * t + np.array([0, 2, 4])) * np.cos(0.2 * y[None])
+    return video.astype(np.uint8)  # (f, H, W, 3)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -113,13 +121,6 @@ def denoisers():
     return sum(thread.name == "streamdit-denoiser" for thread in threading.enumerate())
 
 
-def wait_until(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return condition()
-
-
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_pipelined_stream_denoises_the_next_chunk_while_decoding(pipe, monkeypatch, pipelined):
     """Each decode is slowed until a micro step runs meanwhile; the first micro step of each chunk after start-up
@@ -161,16 +162,43 @@ def test_pipelined_stream_denoises_the_next_chunk_while_decoding(pipe, monkeypat
 
 
 def test_pipelined_stream_runs_at_most_one_chunk_ahead(pipe, monkeypatch):
-    steps = []
+    """The denoiser thread reports the micro steps it has taken whenever it finds no free slot and has to wait for
+    the caller: once it waits, it cannot step again until the caller takes a chunk, so no sleep is needed to see that
+    it stopped right after the next chunk."""
+    steps, waits = [], queue.Queue()
     advance = pipe.advance
     monkeypatch.setattr(pipe, "advance", lambda state: steps.append(state.micro_step) or advance(state))
+    run = _DenoiserThread._run
+
+    def watched_run(thread, state):  # on the denoiser thread, before it claims its first slot
+        thread.slot = WatchedSlot(thread.slot, lambda: waits.put(len(steps)))
+        run(thread, state)
+
+    monkeypatch.setattr(_DenoiserThread, "_run", watched_run)
     with pipe.stream(PROMPT, generator=seeded()) as stream:
         for held in range(3):  # the caller holds chunk `held` and asks for nothing more
             next(stream)
             ahead = 8 + 2 * (held + 1)  # micro steps up to the release of chunk held + 1
-            assert wait_until(lambda: len(steps) == ahead)  # the next chunk is denoised meanwhile...
-            time.sleep(0.2)
-            assert len(steps) == ahead  # ...and nothing beyond it, however long the caller waits
+            while (waited_at := waits.get(timeout=10)) < ahead:  # it may also have waited for this chunk's slot
+                pass
+            assert waited_at == ahead  # the next chunk was denoised meanwhile, and nothing beyond it
+            assert len(steps) == ahead
+
+
+class WatchedSlot:
+    """A denoiser thread's slot that calls `on_wait` each time the thread finds it taken and has to wait."""
+
+    def __init__(self, slot, on_wait):
+        self.slot, self.on_wait = slot, on_wait
+
+    def acquire(self):
+        if not self.slot.acquire(blocking=False):
+            self.on_wait()
+            self.slot.acquire()
+        return True
+
+    def release(self):
+        self.slot.release()
 
 
 @pytest.mark.parametrize("pipelined", [True, False])
@@ -209,22 +237,31 @@ def test_close_stops_the_denoiser_thread(pipe):
 
 
 def test_close_from_another_thread_ends_a_waiting_next(pipe, monkeypatch):
-    advance, gate = pipe.advance, threading.Event()
-    monkeypatch.setattr(pipe, "advance", lambda state: (state.micro_step < 9 or gate.wait(5)) and advance(state))
-    stream = pipe.stream(PROMPT, generator=seeded())
-    next(stream)
+    """Ordered by events, not sleeps: the closer waits until the caller waits for chunk 1, and chunk 1 cannot be
+    released before close() has begun (its last micro step waits for the stop that close() sets)."""
+    waiting, take = threading.Event(), _DenoiserThread.take
 
-    def close_soon():
-        time.sleep(0.1)  # the caller is waiting for chunk 1 by now (it cannot come before the gate opens)
-        gate.set()
+    def watched_take(thread):
+        waiting.set()  # the caller is about to wait on the denoiser's queue
+        return take(thread)
+
+    monkeypatch.setattr(_DenoiserThread, "take", watched_take)
+    stream = pipe.stream(PROMPT, generator=seeded())
+    stopping, advance = stream._denoiser.stop, pipe.advance
+    monkeypatch.setattr(pipe, "advance", lambda state: (state.micro_step < 9 or stopping.wait(10)) and advance(state))
+    next(stream)
+    waiting.clear()
+
+    def close_when_waited_on():
+        waiting.wait(10)
         stream.close()
 
-    closer = threading.Thread(target=close_soon)
+    closer = threading.Thread(target=close_when_waited_on)
     closer.start()
     with pytest.raises(StopIteration):
         next(stream)
     closer.join()
-    assert denoisers() == 0
+    assert waiting.is_set() and denoisers() == 0 and stream.closed
 
 
 def live_tensors():
@@ -372,6 +409,16 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         (dict(guidance_scale=0.5), "guidance_scale=0.5"),
         (dict(output_type="gif"), "output_type='gif'"),
         (dict(reference_frames=8), "K=8"),
+        (dict(prompt=[]), r"prompt=\[\]"),
+        (dict(negative_prompt=["a red circle", "a blue square"]), "2 negative prompts for 1 prompts"),
+        (dict(latents=torch.zeros(1, 4, 7, 4, 4)), r"latents of shape \(1, 4, 7, 4, 4\)"),
+        (dict(guidance_scale="3"), "guidance_scale='3'"),
+        (dict(guidance_scale=float("nan")), "guidance_scale=nan"),
+        (dict(chunk_size=2.0), r"c=2\.0"),
+        (dict(micro_steps=1.5), r"micro_steps=1\.5"),
+        (dict(reference_frames=1.0), r"reference_frames=1\.0"),
+        (dict(num_frames=2.5), r"num_frames=2\.5"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), r"\['noise'\]"),
     ],
 )
 def test_bad_input_raises_value_error(pipe, options, message):
@@ -389,6 +436,57 @@ def test_bad_stream_input_raises_value_error(pipe):
         tiny_pipeline(buffer_frames=9, chunk_size=3).stream(PROMPT)
     with pytest.raises(ValueError, match="pipelined='yes'"):
         pipe.stream(PROMPT, pipelined="yes")
+    with pytest.raises(ValueError, match="at least one input frame"):
+        pipe.stream(PROMPT, video=[])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(decode_overlap=-1), "decode_overlap=-1"),
+        (dict(decode_overlap=1.5), r"decode_overlap=1\.5"),
+        (dict(prompt=[PROMPT, "a blue square"], video=smooth_video(32)),
+         r"single prompt, got 2: \['a red circle moving left', 'a blue square'\]"),
+        (dict(video=smooth_video(10), video_complete=False), "needs 32 input frames and has 10"),
+        (dict(video=[]), "at least one input frame"),
+        (dict(video=np.zeros((4, 16, 16), np.uint8)), r"video frames of shape \(4, 16, 16\)"),
+        (dict(video=smooth_video(32), strength=1.5), r"strength=1\.5"),
+    ],
+)
+def test_bad_stream_options_raise_value_error(pipe, options, message):
+    options = dict(prompt=PROMPT) | options
+    with pytest.raises(ValueError, match=message):
+        pipe.prepare_stream(**options)
+
+
+def test_video_input_to_a_text_to_video_stream_raises_value_error(pipe):
+    state = pipe.prepare_stream(PROMPT, generator=seeded())
+    with pytest.raises(ValueError, match="feed_video needs a video-to-video stream .* is text-to-video"):
+        pipe.feed_video(state, smooth_video(8))
+    with pytest.raises(ValueError, match="top_up_video needs a video-to-video stream .* is text-to-video"):
+        pipe.top_up_video(state, VideoSource(smooth_video(8)))
+    assert state.video_pending is None and not state.video_ended  # the stream is left as it was
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0 a red circle", "'0 a red circle' is not 'SECONDS: prompt'"),
+        ("0: a red circle | x: a blue square", "'x: a blue square' is not"),
+        ("0: a red circle | 2:", "'2:' is not"),
+        ("-1: a red circle", "'-1: a red circle' is not"),
+        ("inf: a red circle", "'inf: a red circle' is not"),
+        ("1: a red circle", "not at 1 s"),
+    ],
+)
+def test_bad_prompt_schedule_raises_value_error(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_prompt_schedule(text)
+
+
+def test_prompt_schedule_is_put_in_time_order():
+    assert parse_prompt_schedule("4: a blue square | 0: a red circle ") == [(0.0, "a red circle"),
+                                                                            (4.0, "a blue square")]
 
 
 def test_classifier_free_guidance(pipe):
@@ -398,6 +496,29 @@ def test_classifier_free_guidance(pipe):
     guided = pipe(PROMPT, guidance_scale=4.0, num_frames=8, generator=seeded()).frames
     negative = pipe(PROMPT, guidance_scale=4.0, negative_prompt="a blue square", num_frames=8, generator=seeded())
     assert not np.array_equal(plain, guided) and not np.array_equal(guided, negative.frames)
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "a blue square"])
+def test_guided_micro_step_follows_the_guidance_formula(pipe, negative_prompt):
+    """One micro step after start-up (frames at four levels), recomputed from the transformer's conditional and
+    unconditional velocities: x + (u_neg + g (u_cond - u_neg)) * (next_tau - tau), per frame. No negative prompt
+    means the empty one."""
+    g = 3.0
+    state = pipe.prepare_stream(PROMPT, negative_prompt=negative_prompt, guidance_scale=g, generator=seeded())
+    for _ in range(8):  # start-up: chunk 0 leaves, the other chunks sit at the tops of their segments
+        state, _ = pipe.advance(state)
+    x, tau, next_tau = state.buffer.latents.clone(), state.buffer.tau(), state.buffer.next_tau()
+    assert len(set(tau.tolist())) == 4 and (next_tau > tau).all()
+    with torch.no_grad():
+        cond, cond_mask = pipe.encode_prompt([PROMPT])
+        negative, negative_mask = pipe.encode_prompt([negative_prompt or ""])
+        u_cond = pipe.transformer(x, tau[None], cond, cond_mask).sample
+        u_neg = pipe.transformer(x, tau[None], negative, negative_mask).sample
+    expected = x + (u_neg + g * (u_cond - u_neg)) * (next_tau - tau).view(1, 1, -1, 1, 1)
+    state, released = pipe.advance(state)
+    assert released is None
+    torch.testing.assert_close(state.buffer.latents, expected, atol=1e-5, rtol=1e-5)
+    assert (u_cond - u_neg).abs().max() > 0.1  # the branches differ, so a wrong g or a swapped pair would show
 
 
 def test_callback_on_step_end(pipe):
@@ -411,13 +532,6 @@ def test_callback_on_step_end(pipe):
     assert [s for s, _ in seen] == list(range(8)) and seen[0][1].shape == (8,)
     assert torch.equal(seen[0][1], torch.zeros(8))  # start-up begins from pure noise
     assert not np.array_equal(out, pipe(PROMPT, num_frames=8, generator=seeded()).frames)
-
-
-def smooth_video(frames=40, size=16):
-    t = np.arange(frames)[:, None, None, None]
-    y, x = np.mgrid[0:size, 0:size][..., None].transpose(0, 1, 2, 3)
-    video = 127 + 100 * np.sin(0.3 * x[None] + 0.2 * t + np.array([0, 2, 4])) * np.cos(0.2 * y[None])
-    return video.astype(np.uint8)  # (f, H, W, 3)
 
 
 def test_video_to_video_streams_the_restyled_input():
@@ -439,6 +553,31 @@ def test_video_to_video_streams_the_restyled_input():
     assert np.abs(light[4:] - reconstruction[:-4]).mean() > 3 * aligned  # ...frame for frame, not a latent frame off
     heavy = restyle(1.0, [video[:20], video[20:]])  # frame arrays
     assert heavy.shape == (37, 16, 16, 3) and np.abs(heavy - reconstruction).mean() > 30
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.7])
+def test_video_to_video_starts_the_trajectory_at_its_strength(strength):
+    """SDEdit on a randomised model: the first transformer call sees the encoded input noised to tau_0 =
+    shift(1 - strength), and the start-up micro steps walk the grid from tau_0 to 1 in T = 8 steps."""
+    pipe = tiny_pipeline(shift=3.0)
+    video = smooth_video(40)
+    seen = []
+    pipe.transformer.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), args[1].clone())))
+    state = pipe.prepare_stream(PROMPT, video=video, strength=strength, generator=seeded())
+    for _ in range(8):
+        state, _ = pipe.advance(state)
+    sigma = 1.0 - torch.linspace(1.0 - strength, 1.0, 9, dtype=torch.float64)
+    grid = (1.0 - 3.0 * sigma / (1.0 + 2.0 * sigma)).float()  # SD3's shift 3, in tau = 1 - sigma
+    torch.testing.assert_close(grid, pipe.scheduler.taus(pipe.scheduler.partition(), strength))
+    caps = torch.tensor([8, 8, 6, 6, 4, 4, 2, 2])  # start-up stops each chunk at the top of its segment
+    assert len(seen) == 8
+    for step, (_, tau) in enumerate(seen):
+        torch.testing.assert_close(tau, grid[caps.clamp(max=step)][None])
+    with torch.no_grad():
+        x1 = pipe.vae.encode(torch.from_numpy(video[:32]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0)
+    noise = torch.randn(x1.shape, generator=seeded())
+    torch.testing.assert_close(seen[0][0], grid[0] * x1 + (1.0 - grid[0]) * noise)
+    assert (seen[1][0] - seen[0][0]).abs().max() > 0.01  # a model that moves the buffer
 
 
 def test_video_to_video_pipelined_equals_sequential():

@@ -66,11 +66,31 @@ def test_caps_layout():
         (dict(micro_steps=0), "micro_steps"),
         (dict(reference_frames=-1, chunk_size=16), "K=-1"),
         (dict(shift=0.0), "shift=0.0"),
+        (dict(sigma_min=1.0), r"sigma_min=1\.0"),
+        (dict(sigma_min=-0.1), r"sigma_min=-0\.1"),
+        (dict(buffer_frames=16.0), r"buffer_frames=16\.0"),  # not N = 8.0, which only follows from it
+        (dict(buffer_frames="16"), "buffer_frames='16'"),
+        (dict(reference_frames=2.0), r"reference_frames=2\.0"),
+        (dict(reference_frames=True), "reference_frames=True"),
+        (dict(chunk_size=2.0), r"c=2\.0"),
+        (dict(micro_steps=1.5), r"micro_steps=1\.5"),
     ],
 )
 def test_impossible_partition_raises(options, message):
     with pytest.raises(ValueError, match=message):
         StreamDiTScheduler(**options)
+
+
+@pytest.mark.parametrize("field", ["reference_frames", "num_chunks", "chunk_size", "micro_steps"])
+def test_partition_values_must_be_integers(field):
+    values = dict(reference_frames=0, num_chunks=4, chunk_size=2, micro_steps=1) | {field: 2.0}
+    with pytest.raises(ValueError, match=rf"{field}=2\.0 must be an integer"):
+        Partition(**values)
+
+
+def test_buffer_latents_must_fill_the_partition():
+    with pytest.raises(ValueError, match="latents of 7 frames do not fill a buffer of 8"):
+        StreamBuffer(torch.zeros(1, 1, 7, 1, 1), Partition(0, 4, 2, 1), torch.linspace(0, 1, 5))
 
 
 def test_partition_overrides_are_validated():

@@ -87,12 +87,28 @@ def test_padding_does_not_change_real_tokens(encoder, tokenizer):
     [
         (torch.zeros(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.bool), "L <= 8"),
         (torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), "attention_mask"),
-        (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool), "without any real token"),
+        (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool), r"rows \[0\] have no real token"),
+        (torch.zeros(3, 4, dtype=torch.long), torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0] * 4]).bool(),
+         r"rows \[1, 2\] have no real token"),
     ],
 )
 def test_encoder_bad_input_raises(encoder, input_ids, mask, message):
     with pytest.raises(ValueError, match=message):
         encoder(input_ids, mask)
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [("a red circle", "got 'a red circle'"), (["a red circle", 3], r"got \['a red circle', 3\]")],
+)
+def test_tokenize_bad_prompts_raise(tokenizer, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize(tokenizer, prompts)
+
+
+def test_encoder_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match="hidden_size=30 is not divisible by num_heads=4"):
+        StreamDiTTextEncoder(vocab_size=16, hidden_size=30, num_heads=4)
 
 
 def test_encoder_save_load_round_trip(encoder, tokenizer, tmp_path):

@@ -2,11 +2,15 @@
 
 import csv
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
 from streamdit import StreamDiTPipeline
-from streamdit.train import main
+from streamdit.data import parse_caption, render, to_video
+from streamdit.train import LatentPool, main
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
@@ -77,17 +81,31 @@ def test_resume_cuts_the_log_back_and_takes_the_new_lr(run, tmp_path):
     assert all(float(r["loss"]) != 9.0 for r in rows)
 
 
-def test_export_only_then_evaluate(run, tmp_path):
+def test_export_only_writes_the_saved_ema_weights_then_evaluate(run, tmp_path):
+    from safetensors.torch import load_file
+
     from streamdit import evaluate
 
-    main(["--export-only", "--output-dir", str(run), *TINY])  # the newest checkpoint's EMA weights, no training
-    assert steps(run / "dit-loss.csv")[-1] == 30  # nothing trained
-    evaluate.main(["--model", str(run / "pipeline"), "--prompts", "2", "--seconds", "1", "--drift-prompts", "1",
-                   "--drift-seconds", "2", "--switches", "1", "--out", str(tmp_path)])
-    table = (tmp_path / "results.md").read_text()
+    out = tmp_path / "run"
+    shutil.copytree(run, out)  # the module's run stays as the other tests expect it
+    shutil.rmtree(out / "pipeline")  # else the training run's own export would pass for this one
+    main(["--export-only", "--output-dir", str(out), *TINY])  # the newest checkpoint's EMA weights, no training
+    assert steps(out / "dit-loss.csv")[-1] == 30  # nothing trained
+    pipe = StreamDiTPipeline.from_pretrained(out / "pipeline")
+    checkpoint = out / "checkpoints" / "dit-30"
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)  # registered first: the EMA
+    exported = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]  # the order run_stage trains them
+    assert ema["optimization_step"] == 30 and len(exported) == len(ema["shadow_params"])
+    for param, shadow in zip(exported, ema["shadow_params"]):
+        assert torch.equal(param, shadow)
+    raw = load_file(checkpoint / "model.safetensors")  # the trained weights themselves: not what ships
+    assert any(not torch.equal(raw[name], value) for name, value in pipe.transformer.state_dict().items())
+    evaluate.main(["--model", str(out / "pipeline"), "--prompts", "2", "--seconds", "1", "--drift-prompts", "1",
+                   "--drift-seconds", "2", "--switches", "1", "--out", str(tmp_path / "eval")])
+    table = (tmp_path / "eval" / "results.md").read_text()
     for measure in ("all_attributes", "adherence_colour", "identity", "drift_last10s_all_attributes", "switching"):
         assert f"| {measure} |" in table
-    assert (tmp_path / "samples.gif").stat().st_size > 0
+    assert (tmp_path / "eval" / "samples.gif").stat().st_size > 0
 
 
 def test_decoder_fine_tuning_keeps_the_latent_space(run, tmp_path):
@@ -128,3 +146,29 @@ def test_a_wider_decoder_trains_behind_the_saved_encoder(run, tmp_path):
     assert after.config.scaling_factor == before.config.scaling_factor
     video = torch.rand(1, 3, 8, 32, 32) * 2 - 1
     assert after(video).shape == video.shape
+
+
+class _PixelVae:
+    """An autoencoder stand-in whose latents are the frames themselves, so a pooled clip shows which scene it is."""
+
+    device = torch.device("cpu")
+
+    def encode(self, videos):
+        return videos
+
+
+def test_latent_pool_keeps_each_clip_with_its_scene():
+    pool, rng = LatentPool(_PixelVae(), size=4, clip_frames=6, side=16), np.random.default_rng(0)
+    pool.refresh(rng, 1)  # the first refresh fills the pool
+    before = list(pool.scenes)
+    pool.refresh(rng, 2)  # then two clips are replaced, latents and scenes together
+    assert sum(a != b for a, b in zip(before, pool.scenes)) == 2
+    for clip, scene in zip(pool.latents, pool.scenes, strict=True):
+        assert torch.equal(clip, to_video(render(scene, 6, side=16)))
+    latents, captions = pool.sample(rng, 12, 3)
+    for window, text in zip(latents, captions, strict=True):
+        owners = [scene for clip, scene in zip(pool.latents, pool.scenes)
+                  if any(torch.equal(window, clip[:, start : start + 3]) for start in range(4))]
+        assert len(owners) == 1
+        stated = parse_caption(text)
+        assert stated == {name: getattr(owners[0], name) for name in stated}

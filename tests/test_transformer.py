@@ -128,13 +128,40 @@ def test_text_mask_hides_padding():
 
 
 @pytest.mark.parametrize(
-    "shape, message",
-    [((1, 4, 8, 5, 4), "patch"), ((1, 4, 7, 4, 4), "7 tokens in frames")],
+    "shape, timestep, message",
+    [
+        ((1, 4, 8, 5, 4), (1, 8), "patch"),
+        ((1, 4, 7, 4, 4), (1, 7), "7 tokens in frames"),
+        ((1, 4, 8, 4, 4), (1, 7), r"timestep of shape \(1, 7\) does not match a batch of 1 x 8 frames"),
+        ((2, 4, 8, 4, 4), (3,), r"timestep of shape \(3,\) does not match a batch of 2 x 8 frames"),
+        ((1, 4, 8, 4, 4), (1, 1, 8), r"timestep of shape \(1, 1, 8\)"),
+    ],
 )
-def test_bad_grid_raises(shape, message):
+def test_bad_input_raises(shape, timestep, message):
     model = from_preset("tiny", patch_size=1 if message != "patch" else 2)
     with pytest.raises(ValueError, match=message):
-        model(torch.zeros(shape), torch.zeros(1, shape[2]), torch.zeros(1, 5, 16))
+        model(torch.zeros(shape), torch.zeros(timestep), torch.zeros(shape[0], 5, 16))
+
+
+def test_one_timestep_per_sample_is_shared_by_its_frames():
+    model = tiny()
+    x, _, text = inputs()
+    torch.testing.assert_close(model(x, torch.tensor([0.3, 0.8]), text).sample,
+                               model(x, torch.tensor([[0.3] * 8, [0.8] * 8]), text).sample, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_heads=3), "num_heads=3"),  # 32 does not split into 3 heads
+        (dict(hidden_size=36, num_heads=4), "hidden_size=36"),  # heads 9 wide: rotary positions need pairs
+        (dict(window_size=(2, 2)), r"window_size=\(2, 2\)"),
+        (dict(window_size=(0, 2, 2)), r"window_size=\(0, 2, 2\)"),
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        from_preset("tiny", **overrides)
 
 
 def test_presets():
