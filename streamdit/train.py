@@ -297,15 +297,11 @@ def train_decoder(args):
     The latent normalisation is kept. With --decoder-channels or --decoder-layers unlike the saved decoder's, a new
     (wider or deeper) decoder is trained from scratch behind the saved encoder."""
     vae = StreamDiTAutoencoder.from_pretrained(Path(args.output_dir) / "vae")
-    wanted = {
-        "decoder_block_out_channels": tuple(args.decoder_channels or vae.config.decoder_block_out_channels
-                                            or vae.config.block_out_channels),
-        "decoder_layers_per_block": args.decoder_layers or vae.config.decoder_layers_per_block
-        or vae.config.layers_per_block,
-    }
-    saved = {"decoder_block_out_channels": tuple(vae.config.decoder_block_out_channels
-                                                 or vae.config.block_out_channels),
-             "decoder_layers_per_block": vae.config.decoder_layers_per_block or vae.config.layers_per_block}
+    cfg = vae.config
+    saved = {"decoder_block_out_channels": tuple(cfg.decoder_block_out_channels or cfg.block_out_channels),
+             "decoder_layers_per_block": cfg.decoder_layers_per_block or cfg.layers_per_block}
+    wanted = {"decoder_block_out_channels": tuple(args.decoder_channels or saved["decoder_block_out_channels"]),
+              "decoder_layers_per_block": args.decoder_layers or saved["decoder_layers_per_block"]}
     if wanted != saved:
         encoder = vae.encoder.state_dict()
         vae = StreamDiTAutoencoder(**{**vae.config, **wanted})
