@@ -317,7 +317,8 @@ def train_dit(args):
     scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
                                    micro_steps=args.micro_steps, shift=args.shift)
     window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
-    transformer = from_preset(args.preset, in_channels=args.latent_channels,
+    # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
+    transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
                               sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
                                            args.side // vae.spatial_compression), **window)
     tokenizer, text_encoder = new_text_side(transformer.config.text_dim)
@@ -375,7 +376,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-frames", type=int, default=8)
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 16, 32, 64])
-    p.add_argument("--latent-channels", type=int, default=8)
+    p.add_argument("--latent-channels", type=int, default=8, help="of a new autoencoder (the DiT takes the saved one's)")
     p.add_argument("--decoder-steps", type=int, default=1000)
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's)")

@@ -66,6 +66,15 @@ def test_resume_continues_from_the_saved_step(run, tmp_path):
     assert StreamDiTPipeline.from_pretrained(out / "pipeline").transformer.config.window_size == [4, 4, 4]
 
 
+def test_dit_stage_takes_its_latent_channels_from_the_saved_autoencoder(run, tmp_path):
+    out = tmp_path / "dit-only"
+    shutil.copytree(run / "vae", out / "vae")
+    args = [a for a in TINY]
+    args[args.index("--latent-channels") + 1] = "16"  # a stale flag: the saved autoencoder has 4 latent channels
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", "--checkpoint-every", "2", *args])
+    assert StreamDiTPipeline.from_pretrained(out / "pipeline").transformer.config.in_channels == 4
+
+
 def test_resume_cuts_the_log_back_and_takes_the_new_lr(run, tmp_path):
     import shutil
 
