@@ -138,7 +138,9 @@ class StreamDiTScheduler(SchedulerMixin, ConfigMixin):
         micro_steps: s.
         reference_frames: K.
         shift: timestep shift as in SD3 / Wan (sigma' = shift * sigma / (1 + (shift - 1) * sigma), sigma = 1 - tau);
-            1.0 leaves the grid uniform. Training samples tau through the same shift, so model and sampler agree.
+            1.0 leaves the grid uniform. Training draws Eq. 8's taus through its own shift; a stream may use another
+            (shift > 1 spends more micro steps at high noise, where the object's presence, colour and path are
+            decided), so the shipped model streams with the shift its evaluation chose.
         sigma_min: the sigma_min of Eq. 5.
     """
 

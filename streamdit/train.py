@@ -337,6 +337,8 @@ def train_dit(args):
     transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, make_batch,
                                           args.steps, args.lr)
     if accelerator.is_main_process:
+        if args.stream_shift is not None:
+            scheduler = StreamDiTScheduler.from_config(scheduler.config, shift=args.stream_shift)
         pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
                                  guidance_scale=args.guidance_scale)
         pipe.save_pretrained(out / "pipeline")
@@ -391,7 +393,10 @@ def parse_args(argv=None):
     p.add_argument("--buffer-frames", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=2)
     p.add_argument("--micro-steps", type=int, default=4)
-    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift of the training taus (Eq. 8 through it)")
+    p.add_argument("--stream-shift", type=float, default=None,
+                   help="timestep shift of the exported pipeline's streams (default: --shift); like --guidance-scale "
+                        "a sampling default, chosen by evaluation")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
