@@ -226,5 +226,14 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
         return self.decoder(z)  # (B, 3, F * t_c, H * s, W * s)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(video))  # (B, 3, T, H, W)
+    def forward(self, video: torch.Tensor, latent_noise: float = 0.0, generator=None) -> torch.Tensor:
+        """Reconstruction. ``latent_noise`` > 0 (training only) adds sigma * std(z) * eps to the latents, sigma ~
+        U[0, latent_noise] per clip: a decoder trained so maps the slightly-off latents a DiT produces to clean frames
+        rather than blobs. The noise is relative to the latents' own (detached) spread, so an encoder cannot shout
+        over it by growing its latents."""
+        z = self.encode(video)  # (B, C, F, H / s, W / s)
+        if latent_noise > 0:
+            sigma = torch.rand(z.shape[0], generator=generator).to(z.device) * latent_noise  # (B,)
+            eps = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+            z = z + sigma.view(-1, 1, 1, 1, 1) * z.detach().std() * eps
+        return self.decode(z)  # (B, 3, T, H, W)

@@ -87,7 +87,8 @@ def object_crops(video, scenes, rng, size):
 
 def vae_loss(vae, batch, args, rng):
     video = object_crops(batch[0], batch[2], rng, args.vae_crop)  # (b, 3, T, crop, crop) in [-1, 1]
-    recon = vae(video)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    recon = vae(video, latent_noise=args.latent_noise, generator=generator)  # forward: DDP syncs it
     w = object_weights(video)
     return ((recon - video).abs() * w).mean() + ((recon - video).square() * w).mean()
 
@@ -289,7 +290,10 @@ def fit_autoencoder(args, vae, stage, steps, normalise):
 
 
 def train_vae(args):
-    fit_autoencoder(args, new_vae(args), "vae", args.vae_steps, normalise=True)
+    """A new autoencoder, or with --vae-init one trained further, encoder and decoder together (its latents then
+    move, so a DiT must be trained or fine-tuned on them afterwards)."""
+    vae = new_vae(args) if args.vae_init is None else StreamDiTAutoencoder.from_pretrained(args.vae_init)
+    fit_autoencoder(args, vae, "vae", args.vae_steps, normalise=True)
 
 
 def train_decoder(args):
@@ -319,6 +323,7 @@ def train_dit(args):
     window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
     # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
     transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
+                              prediction_type=args.prediction_type,
                               sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
                                            args.side // vae.spatial_compression), **window)
     tokenizer, text_encoder = new_text_side(transformer.config.text_dim)
@@ -379,6 +384,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 16, 32, 64])
     p.add_argument("--latent-channels", type=int, default=8, help="of a new autoencoder (the DiT takes the saved one's)")
+    p.add_argument("--vae-init", default=None, help="an autoencoder folder to train further instead of a new one")
+    p.add_argument("--latent-noise", type=float, default=0.0,
+                   help="decoder input noise, up to this fraction of the latents' spread (robust decoding)")
     p.add_argument("--decoder-steps", type=int, default=1000)
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's)")
@@ -390,6 +398,8 @@ def parse_args(argv=None):
     p.add_argument("--window-size", type=int, nargs=3, default=None, metavar=("FRAMES", "HEIGHT", "WIDTH"),
                    help="attention window in tokens (default: the preset's); weights do not depend on it, so a run "
                         "can resume with another window")
+    p.add_argument("--prediction-type", choices=["velocity", "sample"], default="velocity",
+                   help="what the DiT's last layer predicts (its forward returns a velocity either way)")
     p.add_argument("--buffer-frames", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=2)
     p.add_argument("--micro-steps", type=int, default=4)

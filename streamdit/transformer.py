@@ -199,6 +199,11 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         sample_size: (F, H, W) latent buffer the model was trained on; the pipeline's default buffer and frame size.
         pooled_text: also add the mean text state to every frame's adaLN conditioning, beside cross-attention, so
             every block sees the prompt's global content directly (speeds up learning for small models).
+        prediction_type: what the last layer predicts. "velocity": u itself. "sample": the clean latents X1, turned
+            into u = (X1 - X_tau) / (1 - tau) (Eq. 5 with sigma_min = 0), so forward returns a velocity either way.
+            Predicting the clean sample keeps the noise out of the network's output, which suits a small model whose
+            patches are wide for its width (Li & He, "Back to Basics: Let Denoising Generative Models Denoise",
+            2025); 1 - tau is clipped at `min_sample_sigma` so the division stays bounded near data.
     """
 
     _supports_gradient_checkpointing = True
@@ -219,8 +224,12 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         sample_size: tuple[int, int, int] = (16, 16, 16),
         rope_theta: float = 10000.0,
         pooled_text: bool = False,
+        prediction_type: str = "velocity",
+        min_sample_sigma: float = 0.05,
     ):
         super().__init__()
+        if prediction_type not in ("velocity", "sample"):
+            raise ValueError(f"prediction_type={prediction_type!r} must be 'velocity' or 'sample'")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even width")
         if len(window_size) != 3 or min(window_size) < 1:
@@ -321,6 +330,9 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         x = self.final_layer(x, c)  # (B, F, S, p * p * C)
         p = self.config.patch_size
         out = rearrange(x, "b f (h w) (p q c) -> b c f (h p) (w q)", h=grid[1], p=p, q=p)  # (B, C, F, H, W)
+        if self.config.prediction_type == "sample":  # out is X1: u = (X1 - X_tau) / (1 - tau)
+            sigma = (1.0 - timestep.float()).clamp(min=self.config.min_sample_sigma).view(b, 1, f, 1, 1)
+            out = ((out.float() - hidden_states.float()) / sigma).to(out.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

@@ -146,3 +146,18 @@ def test_per_frame_convs_keep_context_small_and_chunking_exact():
         k, ctx = 5, vae.decoder_context_frames
         chunk = vae.decode(z[:, :, k - ctx : k + 2])[:, :, ctx * 4 :]
     torch.testing.assert_close(chunk, whole[:, :, k * 4 : (k + 2) * 4], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_latent_noise_is_relative_to_the_latents_spread(vae):
+    """Training-time decoder noise: none by default, seeded, and sigma * std(z) * eps with sigma ~ U[0, max]."""
+    video = torch.rand(3, 3, 8, 16, 16) * 2 - 1
+    torch.testing.assert_close(vae(video), vae.decode(vae.encode(video)), rtol=0, atol=0)
+    a = vae(video, latent_noise=0.5, generator=torch.Generator().manual_seed(3))
+    b = vae(video, latent_noise=0.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    z = vae.encode(video)
+    g = torch.Generator().manual_seed(3)
+    sigma, eps = torch.rand(3, generator=g) * 0.5, torch.randn(z.shape, generator=g)
+    torch.testing.assert_close(a, vae.decode(z + sigma.view(-1, 1, 1, 1, 1) * z.std() * eps), rtol=0, atol=1e-6)
+    assert not torch.allclose(a, vae(video))

@@ -184,3 +184,33 @@ def test_latent_pool_keeps_each_clip_with_its_scene():
         assert len(owners) == 1
         stated = parse_caption(text)
         assert stated == {name: getattr(owners[0], name) for name in stated}
+
+
+def test_autoencoder_trains_on_from_a_saved_one(run, tmp_path):
+    from streamdit import StreamDiTAutoencoder
+
+    saved = StreamDiTAutoencoder.from_pretrained(run / "vae")
+    out = tmp_path / "init"
+    main(["--stage", "vae", "--output-dir", str(out), "--vae-init", str(run / "vae"), "--vae-steps", "0", *TINY])
+    start = StreamDiTAutoencoder.from_pretrained(out / "vae")  # no steps: the saved weights, freshly normalised
+    for name, p in saved.state_dict().items():
+        assert torch.equal(p, start.state_dict()[name]), name
+    main(["--stage", "vae", "--output-dir", str(tmp_path / "on"), "--vae-init", str(run / "vae"), "--vae-steps", "3",
+          "--latent-noise", "0.2", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(tmp_path / "on" / "vae")
+    assert after.config.block_out_channels == saved.config.block_out_channels
+    for part in ("encoder", "decoder"):  # both halves train: the latents move
+        assert any(not torch.equal(p, getattr(after, part).state_dict()[n])
+                   for n, p in getattr(saved, part).state_dict().items()), part
+
+
+def test_dit_stage_can_predict_the_clean_sample(run, tmp_path):
+    out = tmp_path / "sample"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", "--checkpoint-every", "2", *TINY,
+          "--prediction-type", "sample"])
+    pipe = StreamDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.transformer.config.prediction_type == "sample"
+    pipe.set_progress_bar_config(disable=True)
+    frames = next(iter(pipe.stream("a red circle moving left"))).frames
+    assert frames.shape == (8, 32, 32, 3)

@@ -173,3 +173,17 @@ def test_presets():
     assert sum(p.numel() for p in small.parameters()) < 20e6
     with pytest.raises(ValueError, match="huge"):
         from_preset("huge")
+
+
+def test_sample_prediction_returns_the_velocity_of_its_clean_estimate():
+    """prediction_type="sample": the last layer's output is X1, forward gives u = (X1 - X_tau) / max(1 - tau, clip)."""
+    velocity = tiny()
+    sample = tiny(prediction_type="sample", min_sample_sigma=0.1)
+    sample.load_state_dict(velocity.state_dict())  # same weights: the same last-layer output
+    x, tau, text = inputs()
+    tau[0, :3] = torch.tensor([1.0, 0.95, 0.0])  # clean, inside the clip, pure noise
+    x1 = velocity(x, tau, text).sample  # what the shared weights output, read as X1
+    sigma = (1 - tau).clamp(min=0.1)[:, None, :, None, None]
+    torch.testing.assert_close(sample(x, tau, text).sample, (x1 - x) / sigma)
+    with pytest.raises(ValueError, match="prediction_type='noise'"):
+        from_preset("tiny", prediction_type="noise")
