@@ -33,7 +33,7 @@ from .data import VOCABULARY, caption, sample_batch
 from .pipeline import StreamDiTPipeline
 from .scheduler import StreamDiTScheduler
 from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
-from .transformer import from_preset
+from .transformer import StreamDiTTransformer3DModel, from_preset
 
 
 class TrainState:
@@ -58,10 +58,9 @@ def new_vae(args):
     )
 
 
-def new_text_side(width):
-    tokenizer = build_tokenizer(VOCABULARY, max_length=32)
-    text_encoder = StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=32, hidden_size=width, num_layers=2)
-    return tokenizer, text_encoder
+def new_text_encoder(tokenizer, width):
+    return StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=tokenizer.model_max_length, hidden_size=width,
+                                num_layers=2)
 
 
 def object_weights(video):
@@ -314,19 +313,36 @@ def train_decoder(args):
     fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False)
 
 
+def new_dit(args, vae):
+    """The transformer and text side a DiT run starts from: the preset, or with --dit-init a saved pipeline's weights
+    (its architecture too), e.g. to go on from a shipped model whose resume checkpoints are gone. A run that finds a
+    checkpoint in --output-dir resumes from that instead."""
+    window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
+    tokenizer = build_tokenizer(VOCABULARY, max_length=32)
+    if args.dit_init is not None:
+        init = Path(args.dit_init)
+        transformer = StreamDiTTransformer3DModel.from_pretrained(init / "transformer", **window)
+        text_encoder = StreamDiTTextEncoder.from_pretrained(init / "text_encoder")
+        if transformer.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"--dit-init {init} takes {transformer.config.in_channels} latent channels; the "
+                             f"autoencoder in {args.output_dir} makes {vae.config.latent_channels}")
+        return transformer, tokenizer, text_encoder
+    # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
+    transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
+                              prediction_type=args.prediction_type,
+                              sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
+                                           args.side // vae.spatial_compression), **window)
+    text_encoder = new_text_encoder(tokenizer, transformer.config.text_dim)
+    return transformer, tokenizer, text_encoder
+
+
 def train_dit(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     out = Path(args.output_dir)
     vae = StreamDiTAutoencoder.from_pretrained(out / "vae").to(accelerator.device).eval().requires_grad_(False)
     scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
                                    micro_steps=args.micro_steps, shift=args.shift)
-    window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
-    # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
-    transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
-                              prediction_type=args.prediction_type,
-                              sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
-                                           args.side // vae.spatial_compression), **window)
-    tokenizer, text_encoder = new_text_side(transformer.config.text_dim)
+    transformer, tokenizer, text_encoder = new_dit(args, vae)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
@@ -398,6 +414,8 @@ def parse_args(argv=None):
     p.add_argument("--window-size", type=int, nargs=3, default=None, metavar=("FRAMES", "HEIGHT", "WIDTH"),
                    help="attention window in tokens (default: the preset's); weights do not depend on it, so a run "
                         "can resume with another window")
+    p.add_argument("--dit-init", default=None,
+                   help="a pipeline folder whose transformer and text encoder a new run starts from (not a resume)")
     p.add_argument("--prediction-type", choices=["velocity", "sample"], default="velocity",
                    help="what the DiT's last layer predicts (its forward returns a velocity either way)")
     p.add_argument("--buffer-frames", type=int, default=8)

@@ -214,3 +214,19 @@ def test_dit_stage_can_predict_the_clean_sample(run, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     frames = next(iter(pipe.stream("a red circle moving left"))).frames
     assert frames.shape == (8, 32, 32, 3)
+
+
+def test_dit_stage_starts_from_a_saved_pipeline(run, tmp_path):
+    out = tmp_path / "init"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "0", *TINY, "--dit-init", str(run / "pipeline"),
+          "--window-size", "4", "2", "2"])
+    saved, started = (StreamDiTPipeline.from_pretrained(p) for p in (run / "pipeline", out / "pipeline"))
+    for part in ("transformer", "text_encoder"):
+        for name, p in getattr(saved, part).state_dict().items():
+            assert torch.equal(p, getattr(started, part).state_dict()[name]), (part, name)
+    assert started.transformer.config.window_size == [4, 2, 2]  # architecture from the saved config, window as asked
+    other = tmp_path / "other"
+    main(["--stage", "vae", "--output-dir", str(other), "--vae-steps", "1", *TINY, "--latent-channels", "8"])
+    with pytest.raises(ValueError, match="takes 4 latent channels"):
+        main(["--stage", "dit", "--output-dir", str(other), "--steps", "1", *TINY, "--dit-init", str(run / "pipeline")])
