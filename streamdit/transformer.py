@@ -68,11 +68,11 @@ def rope_frequencies(head_dim, grid, theta=10000.0):
 
 
 def apply_rope(x, angles):
-    # x (B, N, heads, d), angles (N, d / 2): rotate consecutive pairs of channels
-    x2 = x.float().unflatten(-1, (-1, 2))  # (B, N, heads, d/2, 2)
-    cos, sin = angles.cos()[:, None].float(), angles.sin()[:, None].float()  # (N, 1, d/2)
-    rotated = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # x (B, N, heads, d), angles (N, d / 2): rotate consecutive pairs of channels, each pair read as a complex number
+    # (one fused multiply instead of four and a stack: RoPE was a tenth of a CPU training step)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, N, heads, d/2)
+    rotation = torch.polar(torch.ones_like(angles, dtype=torch.float32), angles.float())[:, None]  # (N, 1, d/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class WindowSelfAttention(nn.Module):
@@ -103,6 +103,9 @@ class WindowSelfAttention(nn.Module):
         fw, hw, ww = self.windows(grid)
         q, k, v = rearrange(self.qkv(x), "b n (three m d) -> three b n m d", three=3, m=self.num_heads)
         q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)  # (B, N, heads, d)
+        if (fw, hw, ww) == (f, h, w):  # one window over the whole grid: plain attention, and a roll changes nothing
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
         qkv = torch.stack([q, k, v])  # (3, B, N, heads, d): rope is applied at the true positions, before any roll
         qkv = qkv.unflatten(2, (f, h, w))  # (3, B, F, h, w, heads, d)
         shifts = (fw // 2, hw // 2, ww // 2) if self.shifted else (0, 0, 0)

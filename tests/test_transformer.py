@@ -73,6 +73,40 @@ def test_window_attention_equals_full_attention_when_window_covers_grid(shifted,
     torch.testing.assert_close(module(x, grid, rope_frequencies(16, grid)), full_attention(module, x, grid))
 
 
+def test_rope_rotates_each_pair_of_channels_by_its_angle():
+    x, angles = torch.randn(2, 6, 3, 8), torch.randn(6, 4) * 3
+    out = apply_rope(x, angles)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (N, 1, d/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(out[..., 0::2], even * cos - odd * sin)
+    torch.testing.assert_close(out[..., 1::2], even * sin + odd * cos)
+
+
+def masked_window_attention(module, x, grid, window, shifted):
+    """Reference: full attention where a token sees only the tokens of its own window, the windows laid on the grid
+    moved by half a window when shifted (so they wrap around): no regrouping of tokens at all."""
+    q, k, v = module.qkv(x).unflatten(-1, (3, module.num_heads, -1)).unbind(2)  # (B, N, heads, d)
+    rope = rope_frequencies(q.shape[-1], grid)
+    q, k = apply_rope(module.q_norm(q), rope), apply_rope(module.k_norm(k), rope)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).view(-1, 3)  # (N, 3)
+    shift = torch.tensor([w // 2 if shifted else 0 for w in window])
+    window_of = (coords - shift) % torch.tensor(grid) // torch.tensor(window)  # (N, 3)
+    mask = (window_of[:, None] == window_of[None]).all(-1)  # (N, N)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return module.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("window", [(4, 2, 2), (2, 4, 2), (8, 1, 4)])
+def test_window_attention_equals_masked_full_attention(shifted, window):
+    torch.manual_seed(0)
+    module = WindowSelfAttention(32, 2, window, shifted)
+    grid = (8, 4, 4)
+    x = torch.randn(2, 8 * 4 * 4, 32)
+    expected = masked_window_attention(module, x, grid, window, shifted)
+    torch.testing.assert_close(module(x, grid, rope_frequencies(16, grid)), expected)
+
+
 def perturbation_effect(shifted, source, target, grid=(8, 4, 4), window=(4, 2, 2)):
     """How much the output at token `target` (f, y, x) moves when the input at `source` is perturbed."""
     torch.manual_seed(0)
