@@ -161,3 +161,19 @@ def test_latent_noise_is_relative_to_the_latents_spread(vae):
     sigma, eps = torch.rand(3, generator=g) * 0.5, torch.randn(z.shape, generator=g)
     torch.testing.assert_close(a, vae.decode(z + sigma.view(-1, 1, 1, 1, 1) * z.std() * eps), rtol=0, atol=1e-6)
     assert not torch.allclose(a, vae(video))
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+@torch.no_grad()
+def test_upsample_at_low_resolution_equals_upsampling_then_conv(temporal):
+    """The phase-folded Upsample gives what repeating frames, nearest upsampling and the causal conv give, from the
+    first frame (replicated as causal padding) to the last, at every border."""
+    from streamdit.autoencoder import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(6, temporal)
+    torch.nn.init.normal_(up.conv.conv.bias)
+    x = torch.randn(2, 6, 5, 4, 7)
+    out = up(x)
+    assert out.shape == (2, 6, 5 * (2 if temporal else 1), 8, 14)
+    torch.testing.assert_close(out, up.reference(x), rtol=0, atol=1e-5)
