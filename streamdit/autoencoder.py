@@ -122,12 +122,13 @@ class Upsample(nn.Module):
             previous = torch.cat([x[:, :, :1], x[:, :, :-1]], dim=2)
             x = torch.cat([previous, x], dim=1)  # (B, 2C, T, H, W)
         frames = x.transpose(1, 2).flatten(0, 1)  # (B*T, taps*C, H, W)
-        out = F.conv2d(F.pad(frames, (1, 1, 1, 1)), self.phase_kernels())  # (B*T, phases*C', H+1, W+1)
+        kernels = self.phase_kernels()
+        bias = self.conv.conv.bias.repeat(kernels.shape[0] // self.conv.conv.bias.shape[0])  # every phase's own copy
+        out = F.conv2d(F.pad(frames, (1, 1, 1, 1)), kernels, bias)  # (B*T, phases*C', H+1, W+1)
         out = out.unflatten(1, (self.time_factor, 2, 2, -1))  # (B*T, pt, 2, 2, C', H+1, W+1)
         # phase (a, b) reads the padded grid from offset (a, b): rows a .. a+H-1 of the conv's output
         out = torch.stack([torch.stack([out[:, :, a, bb, :, a : a + h, bb : bb + w] for bb in (0, 1)], -1)
                            for a in (0, 1)], -3)  # (B*T, pt, C', H, 2, W, 2)
-        out = out + self.conv.conv.bias.view(1, 1, -1, 1, 1, 1, 1)
         out = out.unflatten(0, (b, t)).permute(0, 3, 1, 2, 4, 5, 6, 7)  # (B, C', T, pt, H, 2, W, 2)
         return out.reshape(b, -1, t * self.time_factor, 2 * h, 2 * w)  # (B, C', T * factor, 2H, 2W)
 

@@ -204,9 +204,9 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
             every block sees the prompt's global content directly (speeds up learning for small models).
         prediction_type: what the last layer predicts. "velocity": u itself. "sample": the clean latents X1, turned
             into u = (X1 - X_tau) / (1 - tau) (Eq. 5 with sigma_min = 0), so forward returns a velocity either way.
-            Predicting the clean sample keeps the noise out of the network's output, which suits a small model whose
-            patches are wide for its width (Li & He, "Back to Basics: Let Denoising Generative Models Denoise",
-            2025); 1 - tau is clipped at `min_sample_sigma` so the division stays bounded near data.
+            Predicting the clean sample keeps the noise out of the network's output, which is said to help models
+            whose patches are wide for their width (Li & He, "Back to Basics: Let Denoising Generative Models
+            Denoise", 2025); 1 - tau is clipped at `min_sample_sigma` so the division stays bounded near data.
     """
 
     _supports_gradient_checkpointing = True
