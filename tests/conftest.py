@@ -124,12 +124,6 @@ def colour_counts(frame: np.ndarray, distance: float = 60.0) -> dict[str, int]:
     return {name: int((nearest == i).sum()) for i, name in enumerate(names) if name in COLOURS}
 
 
-# The colour checks of the Space (issue 5) wait on the built-in model: one marker, so its reason is kept in one place.
-# Strict: the checks are seeded, so the day the shipped model passes them the run fails until the marker goes.
-MODEL_NOT_READY = pytest.mark.xfail(reason="the built-in model does not yet draw the prompt's object reliably "
-                                           "(README: colour 80%, 14 of 27 on white backgrounds)", strict=True)
-
-
 def shows_colour(frame: np.ndarray, colour: str) -> bool:
     """An object of `colour` is in the frame: enough pixels of it, and more than of any other object colour (a frame
     of blobs in every colour does not count)."""

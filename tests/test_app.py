@@ -19,7 +19,7 @@ import torch
 from gradio_client import Client
 from gradio_client.utils import Status
 
-from conftest import MODEL_NOT_READY, ROOT, running_app, shows_colour, tiny_pipeline
+from conftest import ROOT, running_app, shows_colour, tiny_pipeline
 from streamdit.video import read_video, write_video
 
 FPS = 16
@@ -292,7 +292,6 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch):
     assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
 
 
-@MODEL_NOT_READY
 def test_stream_shows_the_prompts_colour(shipped_app):
     job = wait(client(shipped_app).submit("a red square moving right on a white background", 0, "", 3,
                                           api_name="/stream"))

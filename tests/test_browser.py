@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODEL_NOT_READY, ROOT, colour_counts, library_frames, shows_colour
+from conftest import ROOT, colour_counts, library_frames, shows_colour
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download its own, which we never do
 if not CHROMIUM.exists():
@@ -97,7 +97,6 @@ def test_browser_shows_the_librarys_frames(shown):
     assert errors[best] < 8 / 255, f"frame at {played:.3f} s: mean errors {errors} against library frames"
 
 
-@MODEL_NOT_READY
 def test_browser_frame_shows_the_prompts_colour(shown):
     _, frame = shown
     assert shows_colour(frame, "red"), f"pixels per palette colour: {colour_counts(frame)}"
