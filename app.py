@@ -4,9 +4,11 @@ restyle an uploaded clip, stop whenever you like. Also an API for gradio_client 
     python app.py                          # the built-in shapes-world model, no network needed
     python app.py --model path/or/hub-id   # or STREAMDIT_MODEL=... python app.py
 
-GPU: each call to `next_chunk` is one `@spaces.GPU` call that gets and returns the picklable stream state, so the same
-code runs on a CPU machine, a dedicated GPU and ZeroGPU (where every GPU call runs in a separate process and would not
-see a prompt changed after it started: the plain generator around it reads the latest prompt between calls).
+On a CPU machine or a dedicated GPU a stream is the library's pipelined `pipe.stream`: as in the paper, a denoiser
+thread takes the next chunk's micro steps while this one decodes. On ZeroGPU every GPU call runs in a process of its
+own, so no thread lives across calls: there each chunk is one `@spaces.GPU` call to `next_chunk` that gets and returns
+the picklable stream state, in turn with its decoding, and the plain generator around it reads the latest prompt
+between calls.
 """
 
 import argparse
@@ -42,7 +44,8 @@ def model_source() -> str:
     return known.model or os.environ.get("STREAMDIT_MODEL") or streamdit.DEFAULT_MODEL
 
 
-DEVICE = "cuda" if torch.cuda.is_available() or os.environ.get("SPACES_ZERO_GPU") else "cpu"
+ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+DEVICE = "cuda" if torch.cuda.is_available() or ZERO_GPU else "cpu"
 PIPE = StreamDiTPipeline.from_pretrained(model_source()).to(DEVICE)  # loaded once, shared by every visitor
 PIPE.set_progress_bar_config(disable=True)
 BUFFER = PIPE.scheduler.config.buffer_frames - PIPE.scheduler.config.reference_frames
@@ -54,6 +57,39 @@ def next_chunk(state):
     """One GPU call: micro steps until the buffer releases a chunk, then its decoded frames. State in, state out."""
     state, chunk = PIPE.next_chunk(state)
     return state.to("cpu"), chunk
+
+
+class GpuCalls:
+    """A stream as one `next_chunk` GPU call per chunk (ZeroGPU), with the library stream's `set_prompt`, `close`
+    and iteration. `clip`: a video-to-video stream's input, fed one chunk ahead of each call, so that the pickled
+    state carries no more of it than the next release draws."""
+
+    def __init__(self, state, clip=None):
+        self.state, self.clip = state, clip
+
+    def set_prompt(self, prompt):
+        self.state.set_prompt(prompt)
+
+    def close(self):
+        pass  # nothing runs between calls
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.state.finished:
+            raise StopIteration
+        if self.clip is not None:
+            PIPE.top_up_video(self.state, self.clip)
+        self.state, chunk = next_chunk(self.state)
+        if len(chunk.frames) == 0:  # only padding after the input video's end
+            raise StopIteration
+        return chunk
+
+
+def open_stream(state, clip=None):
+    """The stream of `state`: pipelined in this process, or one GPU call per chunk on ZeroGPU."""
+    return GpuCalls(state, clip) if ZERO_GPU else PIPE.stream(state=state, video=clip)
 
 
 # Input checks: every bad value becomes a gr.Error that names it, never a stack trace.
@@ -102,7 +138,7 @@ def status_line(frames, started, first_frame, latency, prompt):
         f"**{frames} frames** ({frames / FPS:.1f} s)",
         f"generating at **{frames / elapsed:.1f} fps** (playback {FPS} fps)",
         f"first frame after {first_frame:.2f} s" if first_frame is not None else "starting",
-        f"last chunk latency {latency:.2f} s",  # from its GPU call's start to its frames: what a viewer waits
+        f"last chunk latency {latency:.2f} s",  # from asking for the chunk to its frames: what a viewer waits
         f"prompt: *{prompt}*",
     ]
     if unknown:
@@ -112,26 +148,30 @@ def status_line(frames, started, first_frame, latency, prompt):
 
 def chunks(state, schedule, max_seconds, live, clip=None):
     """Yields (frames, status) chunk by chunk until max_seconds, following the prompt schedule (API users)
-    and the latest "Update prompt" (UI), both read between GPU calls. `clip`: a video-to-video stream's input."""
+    and the latest "Update prompt" (UI), both read between chunks. `clip`: a video-to-video stream's input."""
     started, first_frame, frames = time.perf_counter(), None, 0
     prompt, upcoming = schedule[0][1], list(schedule[1:])
     seen = live.get("prompt") if live is not None else None  # a live prompt takes over only when it changes
-    while frames < max_seconds * FPS and not state.finished:
-        while upcoming and frames >= upcoming[0][0] * FPS:
-            prompt = upcoming.pop(0)[1]
-            state.set_prompt(prompt)
-        if live is not None and live.get("prompt") != seen:
-            prompt = seen = live["prompt"]
-            state.set_prompt(prompt)
-        if clip is not None:
-            PIPE.top_up_video(state, clip)  # one chunk of input per GPU call, not the whole clip
-        called = time.perf_counter()
-        state, chunk = next_chunk(state)
-        latency = time.perf_counter() - called
-        first_frame = first_frame or time.perf_counter() - started
-        out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
-        frames += len(out)
-        yield out, status_line(frames, started, first_frame, latency, prompt)
+    stream = open_stream(state, clip)
+    try:
+        while frames < max_seconds * FPS:
+            while upcoming and frames >= upcoming[0][0] * FPS:
+                prompt = upcoming.pop(0)[1]
+                stream.set_prompt(prompt)
+            if live is not None and live.get("prompt") != seen:
+                prompt = seen = live["prompt"]
+                stream.set_prompt(prompt)
+            called = time.perf_counter()
+            chunk = next(stream, None)
+            if chunk is None:  # a restyled clip has ended
+                return
+            latency = time.perf_counter() - called
+            first_frame = first_frame or time.perf_counter() - started
+            out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
+            frames += len(out)
+            yield out, status_line(frames, started, first_frame, latency, prompt)
+    finally:  # the end, Stop, or a visitor who left: the denoiser thread goes too
+        stream.close()
 
 
 def segments(chunk_stream):
@@ -220,7 +260,7 @@ def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
 def restyled(clip, prompt, strength, seed, max_seconds, live):
     """The (frames, status) chunks of a restyle. The uploaded clip stays in this generator (a `VideoSource`), not in
     the stream state: the state starts with the first buffer's worth of it, as the library's `pipe.stream(video=...)`
-    does, and is then fed one chunk ahead of each GPU call."""
+    does, and is then fed one chunk ahead of each release."""
     first = clip.take(PIPE.scheduler.config.buffer_frames * PIPE.vae_scale_factor_temporal)
     state = PIPE.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
                                 generator=torch.Generator().manual_seed(seed))

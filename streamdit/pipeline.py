@@ -474,13 +474,13 @@ class StreamDiTPipeline(DiffusionPipeline):
         """An endless stream of `StreamChunk`s for `prompt` (options as `prepare_stream`).
 
         `video`: an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3) to restyle (video-to-video, with
-        `strength`); the stream then ends with its input. `state`: resume a saved stream instead of starting one.
+        `strength`), or a `VideoSource` already drawn from (with `state`); the stream then ends with its input. `state`: resume a saved stream instead of starting one.
         `pipelined`: denoise the next chunk on a thread of its own while this one decodes (False: in turn, on the
         caller's thread); the frames are the same.
         """
         if not isinstance(pipelined, bool):
             raise ValueError(f"pipelined={pipelined!r} must be True or False")
-        source = None if video is None else VideoSource(video)
+        source = video if video is None or isinstance(video, VideoSource) else VideoSource(video)
         if state is None:
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt={prompt!r} must be a string (streams take one prompt)")

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import re
 import sys
+import threading
 import time
 
 import av
@@ -142,10 +143,12 @@ def app():
         sys.path.remove(str(ROOT))
 
 
+@pytest.mark.parametrize("zero_gpu", [False, True])  # the pipelined library stream, or one GPU call per chunk
 @pytest.mark.parametrize("length", [20, 40, 70])  # inside the first buffer (32 frames), whole chunks, a part chunk
-def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkeypatch, length):
+def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkeypatch, length, zero_gpu):
     pipe = tiny_pipeline()
     monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "ZERO_GPU", zero_gpu)
     pending, gpu_call = [], app.next_chunk
 
     def recording(state):
@@ -162,7 +165,10 @@ def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkey
     np.testing.assert_array_equal(ours, library)
     assert len(ours) == length
     chunk = pipe.scheduler.config.chunk_size * pipe.vae_scale_factor_temporal
-    assert pending and max(pending) <= chunk  # the clip stays in the generator, not in the pickled state
+    if zero_gpu:
+        assert pending and max(pending) <= chunk  # the clip stays in the generator, not in the pickled state
+    else:
+        assert not pending  # one pipelined stream, no GPU calls
 
 
 def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
@@ -266,9 +272,11 @@ def test_restyle_names_an_unreadable_video(app, monkeypatch, tmp_path, name):
         next(app.restyle(str(path), "a red circle moving left", 0.6, 0, 1))
 
 
-def test_update_prompt_switches_the_running_stream(app, monkeypatch):
-    """The UI's "Update prompt": the stream reads the visitor's `live` prompt between GPU calls."""
+@pytest.mark.parametrize("zero_gpu", [False, True])
+def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
+    """The UI's "Update prompt": the stream reads the visitor's `live` prompt between chunks."""
     monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "ZERO_GPU", zero_gpu)
 
     def run(switch):
         live = {}
@@ -279,7 +287,7 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch):
             frames.append(out)
             statuses.append(status)
             if switch and len(frames) == 1:
-                app.update_prompt("  a blue square moving up ", live)  # between two GPU calls, as a click lands
+                app.update_prompt("  a blue square moving up ", live)  # between two chunks, as a click lands
         return np.concatenate(frames).astype(int), statuses, len(frames[0])
 
     plain, plain_statuses, first = run(switch=False)
@@ -290,6 +298,24 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch):
     assert "prompt: *a red circle moving left*" in statuses[0]
     assert all("prompt: *a blue square moving up*" in s for s in statuses[1:])
     assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
+
+
+def denoiser_threads():
+    return [t for t in threading.enumerate() if t.name == "streamdit-denoiser"]
+
+
+def test_a_closed_stream_stops_its_denoiser_thread(app, monkeypatch):
+    """Off ZeroGPU a stream is the library's pipelined one: when Gradio closes the generator (Stop, a visitor who
+    left, max_seconds), its denoiser thread must end too, not keep a core busy."""
+    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "ZERO_GPU", False)
+    before = len(denoiser_threads())
+    state, schedule = app.start_stream("a red circle moving left", 0, "", None, None, None, None)
+    running = app.chunks(state, schedule, 60, None)
+    next(running)
+    assert len(denoiser_threads()) == before + 1  # decoding this chunk while the thread denoises the next
+    running.close()  # what Gradio does on cancel
+    assert len(denoiser_threads()) == before
 
 
 def test_stream_shows_the_prompts_colour(shipped_app):
