@@ -306,7 +306,8 @@ def build_demo():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
                     with gr.Accordion("Advanced", open=False):
                         chunk = gr.Dropdown(CHUNK_SIZES, value=chunk_default, label="Chunk size (latent frames)")
-                        micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk")
+                        micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk",
+                                          info="fewer: faster, but the video follows the prompt less well")
                         guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
                         seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
                         schedule = gr.Textbox("", label="Prompt schedule (overrides the prompt)",
