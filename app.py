@@ -4,11 +4,11 @@ restyle an uploaded clip, stop whenever you like. Also an API for gradio_client 
     python app.py                          # the built-in shapes-world model, no network needed
     python app.py --model path/or/hub-id   # or STREAMDIT_MODEL=... python app.py
 
-On a CPU machine or a dedicated GPU a stream is the library's pipelined `pipe.stream`: as in the paper, a denoiser
-thread takes the next chunk's micro steps while this one decodes. On ZeroGPU every GPU call runs in a process of its
-own, so no thread lives across calls: there each chunk is one `@spaces.GPU` call to `next_chunk` that gets and returns
-the picklable stream state, in turn with its decoding, and the plain generator around it reads the latest prompt
-between calls.
+On a CPU machine or a dedicated GPU a stream is the library's `pipe.stream`: on a GPU pipelined as in the paper (a
+denoiser thread takes the next chunk's micro steps while this one decodes), on a CPU in turn (the two would share the
+same cores). On ZeroGPU every GPU call runs in a process of its own, so no thread lives across calls: there each chunk
+is one `@spaces.GPU` call to `next_chunk` that gets and returns the picklable stream state, and the plain generator
+around it reads the latest prompt between calls.
 """
 
 import argparse
@@ -88,7 +88,7 @@ class GpuCalls:
 
 
 def open_stream(state, clip=None):
-    """The stream of `state`: pipelined in this process, or one GPU call per chunk on ZeroGPU."""
+    """The stream of `state`: the library's in this process, or one GPU call per chunk on ZeroGPU."""
     return GpuCalls(state, clip) if ZERO_GPU else PIPE.stream(state=state, video=clip)
 
 

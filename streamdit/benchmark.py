@@ -119,7 +119,7 @@ def count_nfes(pipe, prompt, chunks=3, seed=0, **options):
         return startup, (counter.count - startup) / chunks
 
 
-def time_stream(pipe, prompt, seconds, seed=0, pipelined=True, **options):
+def time_stream(pipe, prompt, seconds, seed=0, pipelined=None, **options):
     """(seconds from starting the stream to its first decoded chunk, frames per second generated after that chunk)
     over `seconds` of video; the rate is NaN when the first chunk already holds them all."""
     target = int(seconds * FPS)
@@ -147,7 +147,7 @@ def stream_rows(teacher, student=None):
     return rows + [("teacher, undistilled s=1", teacher, one_step)]
 
 
-def benchmark_row(pipe, options, prompts, seconds, seed, pipelined=True):
+def benchmark_row(pipe, options, prompts, seconds, seed, pipelined=None):
     s = options.get("micro_steps", pipe.scheduler.config.micro_steps)
     guidance = options.get("guidance_scale", pipe.config.guidance_scale)
     startup_nfes, chunk_nfes = count_nfes(pipe, prompts[0], seed=seed, **options)  # also warms the model up
@@ -182,7 +182,9 @@ def stream(args):
     teacher = StreamDiTPipeline.from_pretrained(args.teacher).to(device)
     student = StreamDiTPipeline.from_pretrained(args.student).to(device) if args.student else None
     prompts = random_prompts(args.prompts, args.seed)
-    mode = "sequential" if args.sequential else "pipelined"
+    pipelined = {"auto": None, "pipelined": True, "sequential": False}[args.decoding]
+    resolved = device.type != "cpu" if pipelined is None else pipelined
+    mode = ("pipelined" if resolved else "sequential") + (" (the device's default)" if pipelined is None else "")
     header = [
         f"# streams of {args.seconds:g} s of video ({FPS} fps), {mode} decoding; adherence over {len(prompts)} prompts",
         f"# device: {machine(device)}",
@@ -191,7 +193,7 @@ def stream(args):
     print("\n".join(header) + "\n", flush=True)
     results = []
     for name, pipe, options in stream_rows(teacher, student):
-        results.append((name, benchmark_row(pipe, options, prompts, args.seconds, args.seed, not args.sequential)))
+        results.append((name, benchmark_row(pipe, options, prompts, args.seconds, args.seed, pipelined)))
     table = stream_table(results)
     print(table, flush=True)
     if args.out:
@@ -214,7 +216,9 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of video per stream")
     p.add_argument("--prompts", type=int, default=20, help="prompts for the adherence column")
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--sequential", action="store_true", help="denoise and decode in turn, on one thread")
+    p.add_argument("--decoding", choices=["auto", "pipelined", "sequential"], default="auto",
+                   help="pipelined: a denoiser thread works on the next chunk while this one decodes; sequential: in "
+                        "turn, on one thread; auto: the stream's default (pipelined on accelerators only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)

@@ -134,7 +134,7 @@ def stream_frames(pipe, prompt, seconds, seed, switch=None, **options):
     """Streams `seconds` of video; `switch=(second, prompt)` calls set_prompt once the stream reaches that second."""
     # A switch lands at a set micro step only in a sequential stream: a denoiser thread is up to a chunk ahead of the
     # frames handed out, by an amount that depends on timing. Without a switch, both give the same frames.
-    options.setdefault("pipelined", switch is None)
+    options.setdefault("pipelined", None if switch is None else False)
     stream = pipe.stream(prompt, generator=torch.Generator().manual_seed(seed), **options)
     frames, target = [], int(seconds * FPS)
     for chunk in stream:

@@ -143,7 +143,7 @@ def app():
         sys.path.remove(str(ROOT))
 
 
-@pytest.mark.parametrize("zero_gpu", [False, True])  # the pipelined library stream, or one GPU call per chunk
+@pytest.mark.parametrize("zero_gpu", [False, True])  # the library's stream, or one GPU call per chunk
 @pytest.mark.parametrize("length", [20, 40, 70])  # inside the first buffer (32 frames), whole chunks, a part chunk
 def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkeypatch, length, zero_gpu):
     pipe = tiny_pipeline()
@@ -168,7 +168,7 @@ def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkey
     if zero_gpu:
         assert pending and max(pending) <= chunk  # the clip stays in the generator, not in the pickled state
     else:
-        assert not pending  # one pipelined stream, no GPU calls
+        assert not pending  # the library's stream, no GPU calls
 
 
 def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
@@ -305,9 +305,12 @@ def denoiser_threads():
 
 
 def test_a_closed_stream_stops_its_denoiser_thread(app, monkeypatch):
-    """Off ZeroGPU a stream is the library's pipelined one: when Gradio closes the generator (Stop, a visitor who
-    left, max_seconds), its denoiser thread must end too, not keep a core busy."""
-    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    """Off ZeroGPU a stream is the library's, pipelined on a GPU: when Gradio closes the generator (Stop, a visitor
+    who left, max_seconds), its denoiser thread must end too, not keep the device busy."""
+    pipe = tiny_pipeline()
+    stream = pipe.stream
+    monkeypatch.setattr(pipe, "stream", lambda *args, **options: stream(*args, pipelined=True, **options))  # as on a GPU
+    monkeypatch.setattr(app, "PIPE", pipe)
     monkeypatch.setattr(app, "ZERO_GPU", False)
     before = len(denoiser_threads())
     state, schedule = app.start_stream("a red circle moving left", 0, "", None, None, None, None)

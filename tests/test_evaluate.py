@@ -64,7 +64,7 @@ def test_stream_frames_switches_prompts_in_a_sequential_stream(pipe, monkeypatch
         *args, **options))
     plain = stream_frames(pipe, PROMPT, 1.0, seed=0)
     switched = stream_frames(pipe, PROMPT, 1.0, seed=0, switch=(0.5, "a blue square moving up"))
-    assert modes == [True, False] and plain.shape == switched.shape == (16, 16, 16, 3)
+    assert modes == [None, False] and plain.shape == switched.shape == (16, 16, 16, 3)
     # Chunk 0 (8 frames, 0.5 s at 16 fps) is out before the switch; a sequential stream switches at the first micro
     # step of chunk 1, so chunk 1 is the one a hand-driven stream releases after set_prompt.
     assert np.array_equal(switched[:8], plain[:8])

@@ -175,7 +175,7 @@ def test_pipelined_stream_runs_at_most_one_chunk_ahead(pipe, monkeypatch):
         run(thread, state)
 
     monkeypatch.setattr(_DenoiserThread, "_run", watched_run)
-    with pipe.stream(PROMPT, generator=seeded()) as stream:
+    with pipe.stream(PROMPT, generator=seeded(), pipelined=True) as stream:
         for held in range(3):  # the caller holds chunk `held` and asks for nothing more
             next(stream)
             ahead = 8 + 2 * (held + 1)  # micro steps up to the release of chunk held + 1
@@ -222,16 +222,29 @@ def test_an_error_in_the_denoiser_is_raised_in_the_caller(pipe, monkeypatch, pip
             next(stream)
 
 
+def test_a_cpu_stream_runs_in_turn_by_default(pipe):
+    """On the CPU a denoiser thread would share the decoder's cores (slower first frame, no faster stream): the
+    default is the sequential stream there, and pipelined=True still asks for the thread."""
+    with pipe.stream(PROMPT, generator=seeded()) as stream:
+        next(stream)
+        assert not stream.pipelined and denoisers() == 0
+    with pipe.stream(PROMPT, generator=seeded(), pipelined=True) as stream:
+        next(stream)
+        assert stream.pipelined and denoisers() == 1
+    with pytest.raises(ValueError, match="pipelined='yes'"):
+        pipe.stream(PROMPT, pipelined="yes")
+
+
 def test_close_stops_the_denoiser_thread(pipe):
-    stream = pipe.stream(PROMPT, generator=seeded())
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=True)
     take(stream, 2)
     assert denoisers() == 1
     stream.close()
     assert denoisers() == 0
-    with pipe.stream(PROMPT, generator=seeded()) as stream:
+    with pipe.stream(PROMPT, generator=seeded(), pipelined=True) as stream:
         next(stream)
     assert denoisers() == 0
-    next(iter(pipe.stream(PROMPT, generator=seeded())))  # an abandoned stream: its finalizer stops the thread
+    next(iter(pipe.stream(PROMPT, generator=seeded(), pipelined=True)))  # an abandoned stream: its finalizer stops the thread
     gc.collect()
     assert denoisers() == 0
 
@@ -246,7 +259,7 @@ def test_close_from_another_thread_ends_a_waiting_next(pipe, monkeypatch):
         return take(thread)
 
     monkeypatch.setattr(_DenoiserThread, "take", watched_take)
-    stream = pipe.stream(PROMPT, generator=seeded())
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=True)
     stopping, advance = stream._denoiser.stop, pipe.advance
     monkeypatch.setattr(pipe, "advance", lambda state: (state.micro_step < 9 or stopping.wait(10)) and advance(state))
     next(stream)
@@ -300,7 +313,7 @@ def test_pipelined_stream_memory_is_flat(pipe):
     fixed_mmap_threshold()
 
     def closed_after(chunks):  # closing joins the thread: only the stream itself holds tensors then
-        stream = pipe.stream(PROMPT, generator=seeded())
+        stream = pipe.stream(PROMPT, generator=seeded(), pipelined=True)
         take(stream, chunks)
         stream.close()
         gc.collect()
@@ -327,7 +340,7 @@ def test_state_pickles_and_resumes(pipe):
 
 def test_pipelined_stream_state_resumes_with_the_next_chunk(pipe):
     expected = take(pipe.stream(PROMPT, generator=seeded(), pipelined=False), 6)
-    stream = pipe.stream(PROMPT, generator=seeded())
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=True)
     take(stream, 2)
     running = pickle.dumps(stream.state)  # while the thread works on chunk 2
     take(stream, 1)
