@@ -183,7 +183,7 @@ def stream(args):
     student = StreamDiTPipeline.from_pretrained(args.student).to(device) if args.student else None
     prompts = random_prompts(args.prompts, args.seed)
     pipelined = {"auto": None, "pipelined": True, "sequential": False}[args.decoding]
-    resolved = device.type != "cpu" if pipelined is None else pipelined
+    resolved = teacher.pipelined_by_default if pipelined is None else pipelined
     mode = ("pipelined" if resolved else "sequential") + (" (the device's default)" if pipelined is None else "")
     header = [
         f"# streams of {args.seconds:g} s of video ({FPS} fps), {mode} decoding; adherence over {len(prompts)} prompts",

@@ -205,6 +205,13 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     # 1. Inputs and text
 
+    @property
+    def pipelined_by_default(self) -> bool:
+        """Whether `stream` runs a denoiser thread unless told: on an accelerator, not on the CPU, where the two
+        threads share the same cores (on a 2-core machine pipelining streamed no faster and doubled the time to the
+        first frame: README, Benchmarks)."""
+        return self.device.type != "cpu"
+
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` that the tokenizer does not know (and the model therefore ignores)."""
         return unknown_words(self.tokenizer, prompt)
@@ -474,14 +481,13 @@ class StreamDiTPipeline(DiffusionPipeline):
         """An endless stream of `StreamChunk`s for `prompt` (options as `prepare_stream`).
 
         `video`: an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3) to restyle (video-to-video, with
-        `strength`), or a `VideoSource` already drawn from (with `state`); the stream then ends with its input. `state`: resume a saved stream instead of starting one.
+        `strength`), or a `VideoSource` already drawn from (with `state`); the stream then ends with its input.
+        `state`: resume a saved stream instead of starting one.
         `pipelined`: denoise the next chunk on a thread of its own while this one decodes (False: in turn, on the
-        caller's thread); the frames are the same. Default: pipelined on an accelerator, in turn on the CPU, where
-        the two threads share the same cores: on a 2-core machine pipelining streamed no faster and doubled the
-        time to the first frame (README, Benchmarks).
+        caller's thread); the frames are the same. Default: `pipelined_by_default`.
         """
         if pipelined is None:
-            pipelined = self.device.type != "cpu"
+            pipelined = self.pipelined_by_default
         if not isinstance(pipelined, bool):
             raise ValueError(f"pipelined={pipelined!r} must be True, False or None (the device's default)")
         source = video if video is None or isinstance(video, VideoSource) else VideoSource(video)

@@ -225,6 +225,7 @@ def test_an_error_in_the_denoiser_is_raised_in_the_caller(pipe, monkeypatch, pip
 def test_a_cpu_stream_runs_in_turn_by_default(pipe):
     """On the CPU a denoiser thread would share the decoder's cores (slower first frame, no faster stream): the
     default is the sequential stream there, and pipelined=True still asks for the thread."""
+    assert not pipe.pipelined_by_default
     with pipe.stream(PROMPT, generator=seeded()) as stream:
         next(stream)
         assert not stream.pipelined and denoisers() == 0
@@ -244,7 +245,8 @@ def test_close_stops_the_denoiser_thread(pipe):
     with pipe.stream(PROMPT, generator=seeded(), pipelined=True) as stream:
         next(stream)
     assert denoisers() == 0
-    next(iter(pipe.stream(PROMPT, generator=seeded(), pipelined=True)))  # an abandoned stream: its finalizer stops the thread
+    # an abandoned stream: its finalizer stops the thread
+    next(iter(pipe.stream(PROMPT, generator=seeded(), pipelined=True)))
     gc.collect()
     assert denoisers() == 0
 
