@@ -121,13 +121,14 @@ def check_schedule(prompt, schedule):
     return [(second, check_prompt(text)) for second, text in entries]
 
 
-def stream_options(chunk_size, micro_steps, guidance_scale):
+def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength):
     if chunk_size not in CHUNK_SIZES:
         raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {BUFFER} frames: one of {CHUNK_SIZES}")
     return dict(
         chunk_size=int(chunk_size),
         micro_steps=check_number("micro_steps", micro_steps, 1, 64, integer=True),
         guidance_scale=check_number("guidance_scale", guidance_scale, 1.0, 20.0),
+        switch_strength=check_number("switch_strength", switch_strength, 0.0, 1.0),
     )
 
 
@@ -206,28 +207,31 @@ def write_segment(folder, name, start_frame, pending):
     return path
 
 
-def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, live):
+def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength, live):
     """Checks the inputs and prepares the stream state; returns it with the schedule."""
     schedule = check_schedule(prompt, schedule)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
-    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale))
+    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale, switch_strength))
     if live is not None:
         live["prompt"] = schedule[0][1]
     return PIPE.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
 
 
 def stream(prompt, seed=0, schedule="", max_seconds=30, chunk_size=None, micro_steps=None, guidance_scale=None,
-           live=None):
+           switch_strength=None, live=None):
     """Streams video for `prompt` (or a prompt schedule "0: ... | 4: ..."), about one MPEG-TS segment per second."""
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
-    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, live)
+    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
+                                   live)
     yield from segments(chunks(state, schedule, max_seconds, live))
 
 
-def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_steps=None, guidance_scale=None):
+def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_steps=None, guidance_scale=None,
+             switch_strength=None):
     """A finished .mp4 of `seconds` seconds (a prompt schedule applies here too)."""
     seconds = check_number("seconds", seconds, 1, 120)
-    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, None)
+    state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
+                                   None)
     clips = Path(tempfile.gettempdir()) / "generated-clips"
     clips.mkdir(exist_ok=True)
     for old in clips.glob("*.mp4"):  # Gradio keeps its own copy of a returned file: ours can go after a while
@@ -267,13 +271,14 @@ def restyled(clip, prompt, strength, seed, max_seconds, live):
     return chunks(state, [(0.0, prompt)], max_seconds, live, clip)
 
 
-def defaults(chunk_size, micro_steps, guidance_scale):
+def defaults(chunk_size, micro_steps, guidance_scale, switch_strength):
     """The model's own stream defaults (stored with it) where the caller gave none."""
     config = PIPE.scheduler.config
     return (
         config.chunk_size if chunk_size is None else chunk_size,
         config.micro_steps if micro_steps is None else micro_steps,
         PIPE.config.guidance_scale if guidance_scale is None else guidance_scale,
+        PIPE.config.switch_strength if switch_strength is None else switch_strength,
     )
 
 
@@ -283,7 +288,7 @@ def update_prompt(prompt, live):
 
 
 def build_demo():
-    chunk_default, micro_default, guidance_default = defaults(None, None, None)
+    chunk_default, micro_default, guidance_default, switch_default = defaults(None, None, None, None)
     examples = [line.strip() for line in EXAMPLES.read_text().splitlines() if line.strip()]
     with gr.Blocks(title="StreamDiT: real-time streaming text-to-video") as demo:
         gr.Markdown(
@@ -309,6 +314,9 @@ def build_demo():
                         micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk",
                                           info="fewer: faster, but the video follows the prompt less well")
                         guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
+                        switch = gr.Slider(0.0, 1.0, value=switch_default, step=0.125, label="Prompt switch strength",
+                                           info="how much of the buffer a new prompt redraws: 0 is the paper's "
+                                                "smooth switch; more follows it sooner, after a short pause")
                         seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
                         schedule = gr.Textbox("", label="Prompt schedule (overrides the prompt)",
                                               placeholder="0: a red circle moving left | 4: a blue square moving up")
@@ -328,7 +336,7 @@ def build_demo():
                 with gr.Column():
                     v2v_video = gr.Video(label="Restyled stream", streaming=True, autoplay=True)
                     v2v_status = gr.Markdown()
-        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, live],
+        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, live],
                               [video, status], api_name="stream")
         update.click(update_prompt, [prompt, live], live, api_name=False)
         prompt.submit(update_prompt, [prompt, live], live, api_name=False)
@@ -339,8 +347,8 @@ def build_demo():
         with gr.Group(visible=False):  # /generate is for API users: a finished .mp4 of a given length
             clip_seconds = gr.Number(value=4, label="seconds")
             clip = gr.Video(label="clip")
-            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance], clip,
-                                        api_name="generate")
+            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance, switch],
+                                        clip, api_name="generate")
     return demo
 
 

@@ -126,7 +126,8 @@ def main(argv=None):
     (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)
     if accelerator.is_main_process:
         scheduler.register_to_config(micro_steps=1)
-        student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0)
+        student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0,
+                                         switch_strength=pipe.config.switch_strength)
         student_pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved the student pipeline to {out / 'pipeline'}")
 

@@ -79,6 +79,8 @@ class StreamState:
     frames_released: int = 0  # video frames handed out
     decode_context: torch.Tensor | None = None  # (b, C, <= decode_overlap, H, W) last released latents
     denoise_seconds: float = 0.0  # since the last release
+    switch_strength: float = 0.0  # how far a prompt switch takes the buffer back (see `set_prompt`)
+    switch_pending: bool = False  # a new prompt whose switch the next micro step makes
     # video-to-video (None for text-to-video)
     strength: float = 1.0
     video_pending: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 input frames not yet in the buffer
@@ -87,8 +89,12 @@ class StreamState:
     video_frames_in: int = 0  # real input frames taken into the chunks (the rest is padding)
 
     def set_prompt(self, prompt: str):
-        """The new prompt conditions every micro step from the next one on; it is encoded once, at that step."""
-        self.prompt = [prompt] * len(self.prompt)
+        """The new prompt conditions every micro step from the next one on; it is encoded once, at that step. There,
+        if it differs from the old one, the buffer first goes `switch_strength` of its trajectory back towards noise
+        (`StreamDiTPipeline.advance`), so the new prompt redraws what the old one had already decided."""
+        prompts = [prompt] * len(self.prompt)
+        self.switch_pending = self.switch_pending or prompts != self.prompt
+        self.prompt = prompts
         self.prompt_embeds = self.prompt_mask = None
 
     @property
@@ -131,6 +137,15 @@ class _Released:
     frame_limit: int | None  # StreamState.frame_limit at the release
 
 
+def _draw_noise(state: StreamState, shape) -> torch.Tensor:
+    """Fresh noise from the stream's own CPU generator, whose state it carries on: the same seed, the same video."""
+    generator = torch.Generator()
+    generator.set_state(state.generator_state)
+    noise = torch.randn(shape, generator=generator)
+    state.generator_state = generator.get_state()
+    return noise
+
+
 def _frames_to_video(frames, height, width):
     """uint8 frames (f, Hv', Wv', 3) -> (1, 3, f, height, width) float in [-1, 1]; centre-crops and resizes."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, f, h, w)
@@ -165,7 +180,8 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     Components: `transformer` (StreamDiTTransformer3DModel), `scheduler` (StreamDiTScheduler, holding the default
     partition), `vae` (StreamDiTAutoencoder), `text_encoder` (StreamDiTTextEncoder), `tokenizer`
-    (PreTrainedTokenizerFast). `guidance_scale` is the model's default classifier-free guidance (1.0 = off).
+    (PreTrainedTokenizerFast). `guidance_scale` is the model's default classifier-free guidance (1.0 = off),
+    `switch_strength` its default for prompt switches in a stream (0.0 = the paper's; see `prepare_stream`).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -178,12 +194,13 @@ class StreamDiTPipeline(DiffusionPipeline):
         text_encoder: StreamDiTTextEncoder,
         tokenizer,
         guidance_scale: float = 1.0,
+        switch_strength: float = 0.0,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
-        self.register_to_config(guidance_scale=guidance_scale)
+        self.register_to_config(guidance_scale=guidance_scale, switch_strength=switch_strength)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         # A fast tokenizer raises "Already borrowed" when two threads use it at once (a pipelined stream's denoiser
         # encoding while the caller's set_prompt checks): one at a time.
@@ -271,18 +288,25 @@ class StreamDiTPipeline(DiffusionPipeline):
         strength: float = 1.0,
         decode_overlap: int | None = None,
         video_complete: bool = True,
+        switch_strength: float | None = None,
     ) -> StreamState:
         """A fresh stream: the buffer full of noise at level 0 (the start-up generation happens in `advance`).
 
         `video` (f, Hv, Wv, 3) uint8, the first input frames of a video-to-video stream: they are encoded and noised
         to the start of the `strength` trajectory (SDEdit). `video_complete=False` says more frames will follow
-        through `feed_video`.
+        through `feed_video`. `switch_strength` in [0, 1]: at a prompt switch every frame of the buffer goes this
+        fraction of its T micro steps back towards noise (SDEdit of the buffer), which costs up to that many extra
+        micro steps once; 0 is the paper's switch, where the new prompt conditions only the remaining micro steps.
         """
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        switch_strength = self.config.switch_strength if switch_strength is None else switch_strength
         partition = self.scheduler.partition(chunk_size, micro_steps, reference_frames)
         prompts = self.check_inputs(prompt, height, width, None, guidance_scale, partition)
+        number = isinstance(switch_strength, numbers.Real) and not isinstance(switch_strength, bool)
+        if not number or not 0.0 <= switch_strength <= 1.0:
+            raise ValueError(f"switch_strength={switch_strength!r} must be a number in [0, 1] (0: the paper's switch)")
         if negative_prompt is None:
             negative_prompt = ""
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -310,6 +334,7 @@ class StreamDiTPipeline(DiffusionPipeline):
             generator_state=generator.get_state(),
             decode_overlap=decode_overlap,
             strength=float(strength),
+            switch_strength=float(switch_strength),
         )
         if video is not None:
             if len(prompts) != 1:
@@ -377,15 +402,22 @@ class StreamDiTPipeline(DiffusionPipeline):
         """The chunk that enters the buffer at level 0: pure noise, or the noised next input chunk (video-to-video)."""
         buffer = state.buffer
         b, channels, _, h, w = buffer.latents.shape
-        generator = torch.Generator()
-        generator.set_state(state.generator_state)
-        noise = torch.randn((b, channels, buffer.partition.chunk_size, h, w), generator=generator)
-        state.generator_state = generator.get_state()
+        noise = _draw_noise(state, (b, channels, buffer.partition.chunk_size, h, w))
         if state.video_pending is None:
             return noise
         frames = self._take_input(state, buffer.partition.chunk_size * self.vae_scale_factor_temporal)
         x1 = self._encode_input(state, frames).cpu()
         return self.scheduler.add_noise(x1, noise, buffer.taus[0].cpu())
+
+    def _switch(self, state):
+        """A prompt switch: the buffer goes `switch_strength` of its T micro steps back along the forward process."""
+        state.switch_pending = False
+        buffer = state.buffer
+        levels = round(state.switch_strength * buffer.partition.num_steps)
+        if levels == 0 or not bool((buffer.levels[buffer.partition.reference_frames :] > 0).any()):
+            return  # nothing to take back (a stream still at pure noise): no noise drawn
+        noise = _draw_noise(state, tuple(buffer.latents.shape)).to(buffer.latents.device)
+        buffer.take_back(levels, lambda x, tau, new_tau: self.scheduler.renoise(x, tau, new_tau, noise))
 
     def _velocity(self, state, latents, tau):
         """u(X_tau, P, tau) for the buffer, with classifier-free guidance when guidance_scale > 1."""
@@ -414,6 +446,8 @@ class StreamDiTPipeline(DiffusionPipeline):
         state.to(device)
         if state.prompt_embeds is None:
             state.prompt_embeds, state.prompt_mask = self.encode_prompt(state.prompt, device)
+        if state.switch_pending:
+            self._switch(state)
         if state.guidance_scale > 1.0 and state.negative_embeds is None:
             state.negative_embeds, state.negative_mask = self.encode_prompt(state.negative_prompt, device)
         buffer = state.buffer

@@ -108,6 +108,16 @@ class StreamBuffer:
         self.latents = latents
         self.levels = torch.minimum(self.levels + 1, self.caps)
 
+    def take_back(self, levels, renoise):
+        """Moves every chunk `levels` levels back towards noise (not below level 0; reference frames stay clean),
+        its latents through `renoise(latents, tau (F,), new tau (F,))`. The cap rule walks the frames up again, so
+        the next release comes up to `levels` micro steps later. Used at a prompt switch (`switch_strength`)."""
+        k = self.partition.reference_frames
+        back = torch.clamp(self.levels - levels, min=0)
+        back[:k] = self.levels[:k]
+        self.latents = renoise(self.latents, self.tau(), self.taus[back])
+        self.levels = back
+
     def chunk_done(self):
         k, c = self.partition.reference_frames, self.partition.chunk_size
         return bool((self.levels[k : k + c] == self.partition.num_steps).all())
@@ -211,6 +221,20 @@ class StreamDiTScheduler(SchedulerMixin, ConfigMixin):
         """Eq. 5: X_tau from data x1 and noise X0 (b, C, F, H, W), tau (b, F), (F,) or one level for all."""
         t = tau.float() if tau.ndim == 0 else tau.float().view(-1, 1, tau.shape[-1], 1, 1)
         return t * x1 + (1.0 - (1.0 - self.config.sigma_min) * t) * noise
+
+    def renoise(self, sample, tau, new_tau, noise):
+        """X_tau -> X_new_tau for new_tau <= tau along the forward process, without knowing X1 (per frame, (F,) taus).
+
+        (new_tau / tau) X_tau has Eq. 5's X1 term at new_tau and too little noise; fresh `noise` tops it up to Eq. 5's
+        variance: c^2 = (1 - a new_tau)^2 - (new_tau / tau)^2 (1 - a tau)^2, a = 1 - sigma_min. Frames with
+        new_tau = tau stay as they are.
+        """
+        a = 1.0 - self.config.sigma_min
+        tau, new_tau = tau.float().view(1, 1, -1, 1, 1), new_tau.float().view(1, 1, -1, 1, 1)
+        moved = new_tau < tau
+        ratio = torch.where(moved, new_tau / tau.clamp(min=1e-12), torch.ones_like(tau))
+        c = ((1.0 - a * new_tau) ** 2 - (ratio * (1.0 - a * tau)) ** 2).clamp(min=0.0).sqrt()
+        return ratio * sample.float() + torch.where(moved, c, torch.zeros_like(c)) * noise.float()
 
     def velocity(self, x1, noise):
         """The target velocity V = X1 - (1 - sigma_min) X0."""

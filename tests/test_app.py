@@ -218,6 +218,8 @@ def first_output(function, **kwargs):
         ("stream", dict(micro_steps=2.5), "micro_steps=2.5 must be an integer"),
         ("stream", dict(guidance_scale=0.5), "guidance_scale=0.5 "),
         ("stream", dict(guidance_scale=20.5), "guidance_scale=20.5 "),
+        ("stream", dict(switch_strength=-0.5), "switch_strength=-0.5 "),
+        ("stream", dict(switch_strength=1.5), "switch_strength=1.5 "),
         ("stream", dict(schedule="4: a blue square moving up"), "not at 4 s"),
         ("stream", dict(schedule="zero: a blue square moving up"), "'zero: a blue square moving up'"),
         ("stream", dict(schedule="0: a red circle | 2: "), "entry '2:'"),
@@ -280,7 +282,7 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
 
     def run(switch):
         live = {}
-        state, schedule = app.start_stream("a red circle moving left", 3, "", None, None, None, live)
+        state, schedule = app.start_stream("a red circle moving left", 3, "", None, None, None, None, live)
         assert live == {"prompt": "a red circle moving left"}
         frames, statuses = [], []
         for out, status in app.chunks(state, schedule, 3, live):
@@ -313,7 +315,7 @@ def test_a_closed_stream_stops_its_denoiser_thread(app, monkeypatch):
     monkeypatch.setattr(app, "PIPE", pipe)
     monkeypatch.setattr(app, "ZERO_GPU", False)
     before = len(denoiser_threads())
-    state, schedule = app.start_stream("a red circle moving left", 0, "", None, None, None, None)
+    state, schedule = app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)
     running = app.chunks(state, schedule, 60, None)
     next(running)
     assert len(denoiser_threads()) == before + 1  # decoding this chunk while the thread denoises the next

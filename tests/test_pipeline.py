@@ -395,8 +395,76 @@ def test_set_prompt_rejects_bad_prompt_and_keeps_streaming(pipe):
     assert next(stream).prompt == PROMPT
 
 
+OTHER = "a blue square moving right"
+
+
+def switched_stream(pipe, switch_strength, second_prompt=OTHER):
+    """A sequential stream after its start-up chunk (8 micro steps) with `second_prompt` set for the next one."""
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=False, switch_strength=switch_strength)
+    next(stream)
+    stream.set_prompt(second_prompt)
+    return stream
+
+
+# Right after a release chunk 0 is at level 6 of T = 8 (s = 2): strength 1 takes it to 0, 6 levels, a fresh start-up.
+@pytest.mark.parametrize(("strength", "extra"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 6)])
+def test_a_prompt_switch_costs_switch_strength_of_the_trajectory_once(pipe, strength, extra):
+    stream = switched_stream(pipe, strength)
+    next(stream)
+    assert stream.state.micro_step == 8 + 2 + extra
+    next(stream)
+    assert stream.state.micro_step == 8 + 2 + extra + 2  # once: the next chunk takes its s micro steps again
+
+
+def test_setting_the_same_prompt_again_is_no_switch(pipe):
+    stream = switched_stream(pipe, 1.0, second_prompt=PROMPT)
+    next(stream)
+    assert stream.state.micro_step == 8 + 2 and not stream.state.switch_pending
+
+
+def test_prompt_switch_renoises_the_buffer_as_computed_by_hand(pipe):
+    # Reference: take every frame 4 levels back (0.5 of T = 8) with noise from the stream's own generator, through
+    # the forward process; the first transformer call after the switch must see exactly those latents.
+    stream = switched_stream(pipe, 0.5)
+    buffer = stream.state.buffer
+    levels = buffer.levels.clone()
+    generator = torch.Generator()
+    generator.set_state(stream.state.generator_state)
+    noise = torch.randn(buffer.latents.shape, generator=generator)
+    back = (levels - 4).clamp(min=0)
+    expected = pipe.scheduler.renoise(buffer.latents, buffer.taus[levels], buffer.taus[back], noise)
+    seen = []
+    pipe.transformer.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), args[1].clone())))
+    next(stream)
+    latents, tau = seen[0]
+    torch.testing.assert_close(latents[:1], expected)  # the conditional half of the guided batch
+    torch.testing.assert_close(tau[0], buffer.taus[back])
+    assert levels.tolist() == [6, 6, 4, 4, 2, 2, 0, 0] and back.tolist() == [2, 2, 0, 0, 0, 0, 0, 0]
+
+
+def test_prompt_switch_is_seeded_and_resumes_from_a_pickled_state(pipe):
+    frames = [c.frames for c in take(switched_stream(pipe, 0.5), 3)]
+    assert all(np.array_equal(a, b.frames) for a, b in zip(frames, take(switched_stream(pipe, 0.5), 3)))
+    stream = switched_stream(pipe, 0.5)
+    stream.close()  # hands the prompt asked for to the state: the switch is pending there
+    assert stream.state.switch_pending
+    saved = pickle.dumps(stream.state)
+    resumed = take(pipe.stream(state=pickle.loads(saved), pipelined=False), 3)
+    assert all(np.array_equal(a, b.frames) for a, b in zip(frames, resumed))
+    plain = take(switched_stream(pipe, 0.0), 3)
+    assert not np.array_equal(frames[1], plain[1].frames)  # the switch redrew the chunk after it
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "0.5", True, None])
+def test_bad_switch_strength_raises_value_error(pipe, value):
+    if value is None:  # None is the model's default, which must itself be checked
+        pipe.register_to_config(switch_strength=2.0)
+    with pytest.raises(ValueError, match="switch_strength="):
+        pipe.prepare_stream(PROMPT, switch_strength=value)
+
+
 def test_save_and_load_round_trip(pipe, tmp_path):
-    pipe.register_to_config(guidance_scale=2.0)
+    pipe.register_to_config(guidance_scale=2.0, switch_strength=0.25)
     pipe.save_pretrained(tmp_path)
     loaded = StreamDiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -405,6 +473,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config) and loaded.config.guidance_scale == 2.0
+    assert loaded.config.switch_strength == 0.25 and loaded.prepare_stream(PROMPT).switch_strength == 0.25
     assert loaded.tokenizer(PROMPT).input_ids == pipe.tokenizer(PROMPT).input_ids
     a = pipe(PROMPT, negative_prompt="a blue square", num_frames=8, generator=seeded()).frames
     assert np.array_equal(a, loaded(PROMPT, negative_prompt="a blue square", num_frames=8, generator=seeded()).frames)

@@ -150,3 +150,39 @@ def test_noised_sample_and_velocity_follow_eq5(sigma_min):
     eps = 1e-3  # the velocity is dX/dtau along the path
     finite_difference = (scheduler.add_noise(x1, x0, tau + eps) - x) / eps
     torch.testing.assert_close(finite_difference, scheduler.velocity(x1, x0).expand_as(x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 0.01])
+def test_renoise_takes_frames_back_along_the_forward_process(sigma_min):
+    # Many X_tau of one X1, taken back to new_tau, must be distributed as Eq. 5 at new_tau: mean new_tau X1 and
+    # noise std 1 - (1 - sigma_min) new_tau. Frames whose tau does not change stay as they are.
+    scheduler = StreamDiTScheduler(sigma_min=sigma_min)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 1, 4, 1, 1, generator=g).expand(40000, 1, 4, 1, 1)
+    tau, new_tau = torch.tensor([0.9, 0.6, 0.3, 0.0]), torch.tensor([0.5, 0.0, 0.3, 0.0])
+    x = scheduler.add_noise(x1, torch.randn(x1.shape, generator=g), tau)
+    back = scheduler.renoise(x, tau, new_tau, torch.randn(x1.shape, generator=g))
+    mean, std = back.mean(0).flatten(), back.std(0).flatten()
+    torch.testing.assert_close(mean[:2], new_tau[:2] * x1[0].flatten()[:2], atol=0.02, rtol=0)
+    torch.testing.assert_close(std[:2], 1 - (1 - sigma_min) * new_tau[:2], atol=0.02, rtol=0)
+    assert torch.equal(back[:, :, 2:], x[:, :, 2:])
+
+
+def test_take_back_lowers_levels_and_delays_the_next_release():
+    scheduler = StreamDiTScheduler(buffer_frames=10, chunk_size=2, micro_steps=2, reference_frames=2)  # N 4, T 8
+    partition = scheduler.partition()
+    buffer = StreamBuffer(torch.zeros(1, 1, 10, 1, 1), partition, scheduler.taus(partition))
+    for _ in range(partition.num_steps):
+        buffer.update(buffer.latents)
+    buffer.release(torch.zeros(1, 1, 2, 1, 1))
+    assert buffer.levels.tolist() == [8, 8, 6, 6, 4, 4, 2, 2, 0, 0]
+    seen = []
+    buffer.take_back(3, lambda latents, tau, new_tau: seen.append((tau, new_tau)) or latents + 1)
+    assert buffer.levels.tolist() == [8, 8, 3, 3, 1, 1, 0, 0, 0, 0]  # reference frames stay clean
+    assert torch.equal(seen[0][0], buffer.taus[torch.tensor([8, 8, 6, 6, 4, 4, 2, 2, 0, 0])])
+    assert torch.equal(seen[0][1], buffer.tau()) and torch.equal(buffer.latents, torch.ones(1, 1, 10, 1, 1))
+    steps = 0
+    while not buffer.chunk_done():
+        buffer.update(buffer.latents)
+        steps += 1
+    assert steps == partition.micro_steps + 3
