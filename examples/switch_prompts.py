@@ -21,11 +21,14 @@ def main():
     parser.add_argument("--out", default="switch.mp4")
     parser.add_argument("--model", default=streamdit.DEFAULT_MODEL)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--switch-strength", type=float, default=None,
+                        help="how much of the buffer a new prompt redraws (default: the model's; 0: the paper's switch)")
     args = parser.parse_args()
 
     schedule = parse_prompt_schedule(args.schedule)
     pipe = StreamDiTPipeline.from_pretrained(args.model)
-    stream = pipe.stream(schedule[0][1], generator=torch.Generator().manual_seed(args.seed))
+    stream = pipe.stream(schedule[0][1], generator=torch.Generator().manual_seed(args.seed),
+                         switch_strength=args.switch_strength)
     upcoming, frames = schedule[1:], 0
     with VideoWriter(args.out, fps=FPS) as writer:
         for chunk in stream:
