@@ -302,6 +302,16 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
     assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
 
 
+def test_stream_options_default_to_the_models_own(app, monkeypatch):
+    pipe = tiny_pipeline()
+    pipe.register_to_config(guidance_scale=2.5, switch_strength=0.625)
+    monkeypatch.setattr(app, "PIPE", pipe)
+    state, _ = app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)
+    assert (state.guidance_scale, state.switch_strength) == (2.5, 0.625)
+    state, _ = app.start_stream("a red circle moving left", 0, "", None, None, 1.0, 0.0, None)
+    assert (state.guidance_scale, state.switch_strength) == (1.0, 0.0)
+
+
 def denoiser_threads():
     return [t for t in threading.enumerate() if t.name == "streamdit-denoiser"]
 
