@@ -361,7 +361,7 @@ def train_dit(args):
         if args.stream_shift is not None:
             scheduler = StreamDiTScheduler.from_config(scheduler.config, shift=args.stream_shift)
         pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
-                                 guidance_scale=args.guidance_scale)
+                                 guidance_scale=args.guidance_scale, switch_strength=args.switch_strength)
         pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved the pipeline to {out / 'pipeline'}")
 
@@ -426,6 +426,8 @@ def parse_args(argv=None):
                    help="timestep shift of the exported pipeline's streams (default: --shift); like --guidance-scale "
                         "a sampling default, chosen by evaluation")
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--switch-strength", type=float, default=0.0,
+                   help="the exported pipeline's prompt switch strength (0: the paper's switch), a stream default too")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     return p.parse_args(argv)

@@ -100,7 +100,9 @@ def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step
 
 
 def test_distillation_lowers_its_loss_and_exports_a_one_step_student(tmp_path):
-    tiny_pipeline().save_pretrained(tmp_path / "teacher")
+    teacher = tiny_pipeline()
+    teacher.register_to_config(switch_strength=0.625)
+    teacher.save_pretrained(tmp_path / "teacher")
     main(["--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "run"), "--side", "16",
           "--micro-steps", "3", "--guidance-scale", "2", "--steps", "40", "--lr", "2e-3", "--batch-size", "4",
           "--warmup-steps", "1", "--log-every", "1", "--pool-size", "8", "--pool-clip-frames", "8"])
@@ -108,3 +110,4 @@ def test_distillation_lowers_its_loss_and_exports_a_one_step_student(tmp_path):
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
     student = StreamDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert student.scheduler.config.micro_steps == 1 and student.config.guidance_scale == 1.0
+    assert student.config.switch_strength == 0.625  # a switch works on the buffer, whoever denoises it

@@ -99,10 +99,10 @@ def test_export_only_writes_the_saved_ema_weights_then_evaluate(run, tmp_path):
     shutil.copytree(run, out)  # the module's run stays as the other tests expect it
     shutil.rmtree(out / "pipeline")  # else the training run's own export would pass for this one
     # the newest checkpoint's EMA weights, no training; the streams' shift is a sampling default set at export
-    main(["--export-only", "--output-dir", str(out), *TINY, "--stream-shift", "3"])
+    main(["--export-only", "--output-dir", str(out), *TINY, "--stream-shift", "3", "--switch-strength", "0.5"])
     assert steps(out / "dit-loss.csv")[-1] == 30  # nothing trained
     pipe = StreamDiTPipeline.from_pretrained(out / "pipeline")
-    assert pipe.scheduler.config.shift == 3.0
+    assert pipe.scheduler.config.shift == 3.0 and pipe.config.switch_strength == 0.5
     checkpoint = out / "checkpoints" / "dit-30"
     ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)  # registered first: the EMA
     exported = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]  # the order run_stage trains them
@@ -112,9 +112,11 @@ def test_export_only_writes_the_saved_ema_weights_then_evaluate(run, tmp_path):
     raw = load_file(checkpoint / "model.safetensors")  # the trained weights themselves: not what ships
     assert any(not torch.equal(raw[name], value) for name, value in pipe.transformer.state_dict().items())
     evaluate.main(["--model", str(out / "pipeline"), "--prompts", "2", "--seconds", "1", "--drift-prompts", "1",
-                   "--drift-seconds", "2", "--switches", "1", "--shift", "2", "--out", str(tmp_path / "eval")])
+                   "--drift-seconds", "2", "--switches", "1", "--shift", "2", "--switch-strength", "0.25",
+                   "--out", str(tmp_path / "eval")])
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "| shift | 2.000 |" in table  # --shift overrides the exported 3
+    assert "| switch_strength | 0.250 |" in table  # and --switch-strength the exported 0.5
     for measure in ("all_attributes", "adherence_colour", "identity", "drift_last10s_all_attributes", "switching"):
         assert f"| {measure} |" in table
     assert (tmp_path / "eval" / "samples.gif").stat().st_size > 0
