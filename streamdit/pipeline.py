@@ -80,7 +80,7 @@ class StreamState:
     decode_context: torch.Tensor | None = None  # (b, C, <= decode_overlap, H, W) last released latents
     denoise_seconds: float = 0.0  # since the last release
     switch_strength: float = 0.0  # how far a prompt switch takes the buffer back (see `set_prompt`)
-    switch_pending: bool = False  # a new prompt whose switch the next micro step makes
+    switched_from: list[str] | None = None  # the last micro step's prompt, while a set_prompt waits for the next one
     # video-to-video (None for text-to-video)
     strength: float = 1.0
     video_pending: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 input frames not yet in the buffer
@@ -92,9 +92,9 @@ class StreamState:
         """The new prompt conditions every micro step from the next one on; it is encoded once, at that step. There,
         if it differs from the old one, the buffer first goes `switch_strength` of its trajectory back towards noise
         (`StreamDiTPipeline.advance`), so the new prompt redraws what the old one had already decided."""
-        prompts = [prompt] * len(self.prompt)
-        self.switch_pending = self.switch_pending or prompts != self.prompt
-        self.prompt = prompts
+        if self.switched_from is None:  # prompts set again before the next micro step: the first one's old prompt
+            self.switched_from = self.prompt
+        self.prompt = [prompt] * len(self.prompt)
         self.prompt_embeds = self.prompt_mask = None
 
     @property
@@ -411,7 +411,6 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     def _switch(self, state):
         """A prompt switch: the buffer goes `switch_strength` of its T micro steps back along the forward process."""
-        state.switch_pending = False
         buffer = state.buffer
         levels = round(state.switch_strength * buffer.partition.num_steps)
         if levels == 0 or not bool((buffer.levels[buffer.partition.reference_frames :] > 0).any()):
@@ -446,8 +445,10 @@ class StreamDiTPipeline(DiffusionPipeline):
         state.to(device)
         if state.prompt_embeds is None:
             state.prompt_embeds, state.prompt_mask = self.encode_prompt(state.prompt, device)
-        if state.switch_pending:
-            self._switch(state)
+        if state.switched_from is not None:
+            if state.switched_from != state.prompt:
+                self._switch(state)
+            state.switched_from = None
         if state.guidance_scale > 1.0 and state.negative_embeds is None:
             state.negative_embeds, state.negative_mask = self.encode_prompt(state.negative_prompt, device)
         buffer = state.buffer

@@ -419,7 +419,16 @@ def test_a_prompt_switch_costs_switch_strength_of_the_trajectory_once(pipe, stre
 def test_setting_the_same_prompt_again_is_no_switch(pipe):
     stream = switched_stream(pipe, 1.0, second_prompt=PROMPT)
     next(stream)
-    assert stream.state.micro_step == 8 + 2 and not stream.state.switch_pending
+    assert stream.state.micro_step == 8 + 2 and stream.state.switched_from is None
+
+
+def test_a_prompt_set_and_set_back_before_the_next_micro_step_is_no_switch(pipe):
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=False, switch_strength=1.0)
+    next(stream)
+    stream.state.set_prompt(OTHER)
+    stream.state.set_prompt(PROMPT)
+    next(stream)
+    assert stream.state.micro_step == 8 + 2
 
 
 def test_prompt_switch_renoises_the_buffer_as_computed_by_hand(pipe):
@@ -447,7 +456,7 @@ def test_prompt_switch_is_seeded_and_resumes_from_a_pickled_state(pipe):
     assert all(np.array_equal(a, b.frames) for a, b in zip(frames, take(switched_stream(pipe, 0.5), 3)))
     stream = switched_stream(pipe, 0.5)
     stream.close()  # hands the prompt asked for to the state: the switch is pending there
-    assert stream.state.switch_pending
+    assert stream.state.switched_from == [PROMPT]
     saved = pickle.dumps(stream.state)
     resumed = take(pipe.stream(state=pickle.loads(saved), pipelined=False), 3)
     assert all(np.array_equal(a, b.frames) for a, b in zip(frames, resumed))
