@@ -137,6 +137,12 @@ class _Released:
     frame_limit: int | None  # StreamState.frame_limit at the release
 
 
+def _is_number(value) -> bool:
+    """A real number and not a bool; a string would fail a comparison with a bare TypeError, and `not x >= ...`
+    turns away NaN."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _draw_noise(state: StreamState, shape) -> torch.Tensor:
     """Fresh noise from the stream's own CPU generator, whose state it carries on: the same seed, the same video."""
     generator = torch.Generator()
@@ -251,9 +257,7 @@ class StreamDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a positive multiple of {factor} (vae factor x patch size)")
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
-        # A string would fail the comparison with a bare TypeError; `not >= 1` also turns away NaN.
-        number = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
-        if not number or not guidance_scale >= 1:
+        if not _is_number(guidance_scale) or not guidance_scale >= 1:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 1 (1 turns guidance off)")
         f = self.vae_scale_factor_spatial
         self.transformer.token_grid(partition.buffer_frames, height // f, width // f)  # ValueError if windows don't tile
@@ -304,8 +308,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         switch_strength = self.config.switch_strength if switch_strength is None else switch_strength
         partition = self.scheduler.partition(chunk_size, micro_steps, reference_frames)
         prompts = self.check_inputs(prompt, height, width, None, guidance_scale, partition)
-        number = isinstance(switch_strength, numbers.Real) and not isinstance(switch_strength, bool)
-        if not number or not 0.0 <= switch_strength <= 1.0:
+        if not _is_number(switch_strength) or not 0.0 <= switch_strength <= 1.0:
             raise ValueError(f"switch_strength={switch_strength!r} must be a number in [0, 1] (0: the paper's switch)")
         if negative_prompt is None:
             negative_prompt = ""

@@ -227,14 +227,13 @@ class StreamDiTScheduler(SchedulerMixin, ConfigMixin):
 
         (new_tau / tau) X_tau has Eq. 5's X1 term at new_tau and too little noise; fresh `noise` tops it up to Eq. 5's
         variance: c^2 = (1 - a new_tau)^2 - (new_tau / tau)^2 (1 - a tau)^2, a = 1 - sigma_min. Frames with
-        new_tau = tau stay as they are.
+        new_tau = tau stay as they are (ratio 1, c 0; also at tau = 0, where the ratio would be 0 / 0).
         """
         a = 1.0 - self.config.sigma_min
         tau, new_tau = tau.float().view(1, 1, -1, 1, 1), new_tau.float().view(1, 1, -1, 1, 1)
-        moved = new_tau < tau
-        ratio = torch.where(moved, new_tau / tau.clamp(min=1e-12), torch.ones_like(tau))
+        ratio = torch.where(new_tau < tau, new_tau / tau.clamp(min=1e-12), torch.ones_like(tau))
         c = ((1.0 - a * new_tau) ** 2 - (ratio * (1.0 - a * tau)) ** 2).clamp(min=0.0).sqrt()
-        return ratio * sample.float() + torch.where(moved, c, torch.zeros_like(c)) * noise.float()
+        return ratio * sample.float() + c * noise.float()
 
     def velocity(self, x1, noise):
         """The target velocity V = X1 - (1 - sigma_min) X0."""
