@@ -7,8 +7,8 @@ restyle an uploaded clip, stop whenever you like. Also an API for gradio_client 
 On a CPU machine or a dedicated GPU a stream is the library's `pipe.stream`: on a GPU pipelined as in the paper (a
 denoiser thread takes the next chunk's micro steps while this one decodes), on a CPU in turn (the two would share the
 same cores). On ZeroGPU every GPU call runs in a process of its own, so no thread lives across calls: there each chunk
-is one `@spaces.GPU` call to `next_chunk` that gets and returns the picklable stream state, and the plain generator
-around it reads the latest prompt between calls.
+is one `@spaces.GPU` call to `next_chunk` that gets and returns the picklable stream state (the library's
+`pipe.stream(chunk_call=...)`), and the stream around it sets the latest prompt between calls.
 """
 
 import argparse
@@ -59,37 +59,9 @@ def next_chunk(state):
     return state.to("cpu"), chunk
 
 
-class GpuCalls:
-    """A stream as one `next_chunk` GPU call per chunk (ZeroGPU), with the library stream's `set_prompt`, `close`
-    and iteration. `clip`: a video-to-video stream's input, fed one chunk ahead of each call, so that the pickled
-    state carries no more of it than the next release draws."""
-
-    def __init__(self, state, clip=None):
-        self.state, self.clip = state, clip
-
-    def set_prompt(self, prompt):
-        self.state.set_prompt(prompt)
-
-    def close(self):
-        pass  # nothing runs between calls
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.state.finished:
-            raise StopIteration
-        if self.clip is not None:
-            PIPE.top_up_video(self.state, self.clip)
-        self.state, chunk = next_chunk(self.state)
-        if len(chunk.frames) == 0:  # only padding after the input video's end
-            raise StopIteration
-        return chunk
-
-
 def open_stream(state, clip=None):
-    """The stream of `state`: the library's in this process, or one GPU call per chunk on ZeroGPU."""
-    return GpuCalls(state, clip) if ZERO_GPU else PIPE.stream(state=state, video=clip)
+    """The library's stream of `state`: made in this process, or one `next_chunk` GPU call per chunk on ZeroGPU."""
+    return PIPE.stream(state=state, video=clip, chunk_call=next_chunk if ZERO_GPU else None)
 
 
 # Input checks: every bad value becomes a gr.Error that names it, never a stack trace.

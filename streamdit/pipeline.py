@@ -515,7 +515,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         return state, self.decode_chunk(state, latents)
 
     def stream(self, prompt: str | None = None, video: Iterable | None = None, state: StreamState | None = None,
-               pipelined: bool | None = None, **options) -> "StreamDiTStream":
+               pipelined: bool | None = None, chunk_call=None, **options) -> "StreamDiTStream":
         """An endless stream of `StreamChunk`s for `prompt` (options as `prepare_stream`).
 
         `video`: an iterable of frames (H, W, 3) or of frame arrays (f, H, W, 3) to restyle (video-to-video, with
@@ -523,11 +523,19 @@ class StreamDiTPipeline(DiffusionPipeline):
         `state`: resume a saved stream instead of starting one.
         `pipelined`: denoise the next chunk on a thread of its own while this one decodes (False: in turn, on the
         caller's thread); the frames are the same. Default: `pipelined_by_default`.
+        `chunk_call`: a function `state -> (state, chunk)` that makes each chunk in place of this process, such as a
+        `@spaces.GPU` function around `pipe.next_chunk` on ZeroGPU, where no thread outlives a GPU call. The stream
+        then sets the latest prompt and feeds the input video (one chunk ahead, so the state it passes carries no
+        more of the clip than the next release draws) before each call; the frames are the same. Sequential.
         """
+        if chunk_call is not None and not callable(chunk_call):
+            raise ValueError(f"chunk_call={chunk_call!r} must be a function state -> (state, chunk)")
         if pipelined is None:
-            pipelined = self.pipelined_by_default
+            pipelined = self.pipelined_by_default and chunk_call is None
         if not isinstance(pipelined, bool):
             raise ValueError(f"pipelined={pipelined!r} must be True, False or None (the device's default)")
+        if pipelined and chunk_call is not None:
+            raise ValueError("pipelined=True does not go with a chunk_call: each chunk is one call, made in turn")
         source = video if video is None or isinstance(video, VideoSource) else VideoSource(video)
         if state is None:
             if not isinstance(prompt, str):
@@ -536,7 +544,7 @@ class StreamDiTPipeline(DiffusionPipeline):
             if source is not None:  # the first buffer's worth of input frames
                 first = source.take(self.scheduler.config.buffer_frames * self.vae_scale_factor_temporal)
             state = self.prepare_stream(prompt, video=first, video_complete=source is None or source.ended, **options)
-        return StreamDiTStream(self, state, source, pipelined)
+        return StreamDiTStream(self, state, source, pipelined, chunk_call)
 
     # 3. Fixed-length generation
 
@@ -659,11 +667,11 @@ class _Denoiser:
             prompt = self.prompts.take()
             if prompt is not None:
                 state.set_prompt(prompt)
-            self._top_up_video(state)
+            self.top_up_video(state)
             state, latents = self.pipe.advance(state)
         return state, self.pipe._released(state, latents)
 
-    def _top_up_video(self, state):
+    def top_up_video(self, state):
         if self.video is not None:
             self.pipe.top_up_video(state, self.video)
 
@@ -753,8 +761,8 @@ class StreamDiTStream:
     """
 
     def __init__(self, pipe: StreamDiTPipeline, state: StreamState, video: VideoSource | None = None,
-                 pipelined: bool = True):
-        self.pipe, self.state, self.pipelined = pipe, state, pipelined
+                 pipelined: bool = True, chunk_call=None):
+        self.pipe, self.state, self.pipelined, self.chunk_call = pipe, state, pipelined, chunk_call
         self.closed = False
         self._prompts = _PromptBox()
         self._denoiser = _Denoiser(pipe, video, self._prompts)
@@ -786,6 +794,8 @@ class StreamDiTStream:
             raise StopIteration
         if self.pipelined:
             chunk = self._next_pipelined()
+        elif self.chunk_call is not None:
+            chunk = self._next_called()
         else:
             self.state, released = self._denoiser.chunk(self.state)
             chunk = self.pipe._decode_released(self.state, released)
@@ -793,6 +803,14 @@ class StreamDiTStream:
             self.close()  # the input has ended: no more micro steps
         if len(chunk.frames) == 0:  # only padding after the input video's end
             raise StopIteration
+        return chunk
+
+    def _next_called(self) -> StreamChunk:
+        prompt = self._prompts.take()
+        if prompt is not None:
+            self.state.set_prompt(prompt)
+        self._denoiser.top_up_video(self.state)
+        self.state, chunk = self.chunk_call(self.state)
         return chunk
 
     def _next_pipelined(self) -> StreamChunk:

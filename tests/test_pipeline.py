@@ -701,6 +701,46 @@ def test_video_to_video_pipelined_equals_sequential():
         assert np.array_equal(a.frames, b.frames) and a.start_frame == b.start_frame
 
 
+@pytest.mark.parametrize("restyle", [False, True])
+def test_chunk_call_stream_equals_the_sequential_one(restyle):
+    """One call per chunk, the state pickled across it as into a ZeroGPU process and back; a prompt set between
+    chunks lands as in the sequential stream."""
+    pipe = tiny_pipeline()
+    video = smooth_video(70) if restyle else None
+    calls, pending = [], []
+
+    def gpu_call(state):
+        pending.append(len(state.video_pending) if state.video_pending is not None else 0)
+        state, chunk = pipe.next_chunk(pickle.loads(pickle.dumps(state)))
+        calls.append(chunk.index)
+        return pickle.loads(pickle.dumps(state)), chunk
+
+    def chunks(**call):
+        options = dict(video=iter(video), strength=0.6) if restyle else {}
+        stream = pipe.stream(PROMPT, generator=seeded(), pipelined=None if call else False, **options, **call)
+        out = []
+        for chunk in stream:
+            out.append(chunk)
+            if len(out) == 2:
+                stream.set_prompt("a blue square moving up")
+            if len(out) == 5:
+                break
+        return out
+
+    called, sequential = chunks(chunk_call=gpu_call), chunks()
+    assert calls == [c.index for c in called] == list(range(len(called)))  # one call a chunk, nothing else
+    for a, b in zip(called, sequential, strict=True):
+        assert np.array_equal(a.frames, b.frames) and a.prompt == b.prompt
+    assert called[1].prompt == PROMPT and called[2].prompt == "a blue square moving up"
+    if restyle:
+        chunk = pipe.scheduler.config.chunk_size * pipe.vae_scale_factor_temporal
+        assert 0 < max(pending) <= chunk  # the clip stays with the caller, fed one chunk ahead of each call
+    with pytest.raises(ValueError, match="chunk_call=3"):
+        pipe.stream(PROMPT, chunk_call=3)
+    with pytest.raises(ValueError, match="pipelined=True"):
+        pipe.stream(PROMPT, chunk_call=gpu_call, pipelined=True)
+
+
 def test_video_to_video_resizes_input():
     pipe = tiny_pipeline()
     chunks = list(pipe.stream(PROMPT, video=np.zeros((36, 24, 20, 3), np.uint8), strength=0.5, generator=seeded()))

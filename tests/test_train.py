@@ -10,7 +10,7 @@ import torch
 
 from streamdit import StreamDiTPipeline
 from streamdit.data import parse_caption, render, to_video
-from streamdit.train import LatentPool, main
+from streamdit.train import LatentPool, flow_matching_loss, latent_object_weights, main
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
@@ -232,3 +232,37 @@ def test_dit_stage_starts_from_a_saved_pipeline(run, tmp_path):
     main(["--stage", "vae", "--output-dir", str(other), "--vae-steps", "1", *TINY, "--latent-channels", "8"])
     with pytest.raises(ValueError, match="takes 4 latent channels"):
         main(["--stage", "dit", "--output-dir", str(other), "--steps", "1", *TINY, "--dit-init", str(run / "pipeline")])
+
+
+def test_object_weights_mark_latents_that_differ_from_their_frames_background():
+    x1 = torch.randn(2, 4, 3, 1, 1).expand(2, 4, 3, 8, 8).clone()  # each frame one background latent
+    x1[0, 2, 1, 2:4, 5:7] += 1.0  # an object in one channel of one frame
+    x1[1, :, 2, 0, 0] -= 0.7  # and one in all channels of another
+    w = latent_object_weights(x1, 3.0)
+    expected = torch.ones(2, 1, 3, 8, 8)
+    expected[0, 0, 1, 2:4, 5:7] = 4.0
+    expected[1, 0, 2, 0, 0] = 4.0
+    assert torch.equal(w, expected)
+
+
+def test_object_weighted_loss_against_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2, 4, 3, 1, 1, generator=generator).expand(2, 4, 3, 8, 8).clone()
+    x1[:, :, :, 3:5, 3:6] += 2.0
+    velocity, target = torch.randn(2, x1.numel() // 2, generator=generator).view(x1.shape), torch.zeros_like(x1)
+    assert flow_matching_loss(velocity, target, x1, 0.0) == pytest.approx(velocity.square().mean().item())
+    on, off = velocity[:, :, :, 3:5, 3:6].square().sum().item(), velocity.square().sum().item()
+    off -= on
+    n_on, n = 2 * 3 * 2 * 3, x1[:, 0].numel()  # object latents and all latents, per channel
+    expected = (5 * on + off) / (5 * n_on + (n - n_on)) / x1.shape[1]
+    assert flow_matching_loss(velocity, target, x1, 4.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dit_stage_trains_with_the_object_weighted_loss(run, tmp_path):
+    out = tmp_path / "weighted"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", "--checkpoint-every", "2", *TINY,
+          "--object-weight", "4"])
+    assert len(losses(out / "dit-loss.csv")) == 2 and all(np.isfinite(losses(out / "dit-loss.csv")))
+    with pytest.raises(ValueError, match="-1"):
+        main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", *TINY, "--object-weight", "-1"])
