@@ -271,7 +271,8 @@ def build_demo():
             "{circle|square|triangle} moving {left|right|up|down} [slowly|quickly] [on a {black|white|gray} "
             "background]`."
         )
-        live = gr.State({})  # per visitor: the prompt the running stream should follow
+        live = gr.State({})  # per visitor: the prompt the running text-to-video stream should follow
+        v2v_live = gr.State({})  # and the restyle's own, so that one tab's "Update prompt" leaves the other's alone
         with gr.Tab("Text to video"):
             with gr.Row():
                 with gr.Column():
@@ -304,6 +305,7 @@ def build_demo():
                     strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (1 = ignore the clip)")
                     with gr.Row():
                         v2v_start = gr.Button("Restyle", variant="primary")
+                        v2v_update = gr.Button("Update prompt")
                         v2v_stop = gr.Button("Stop", variant="stop")
                 with gr.Column():
                     v2v_video = gr.Video(label="Restyled stream", streaming=True, autoplay=True)
@@ -313,8 +315,10 @@ def build_demo():
         update.click(update_prompt, [prompt, live], live, api_name=False)
         prompt.submit(update_prompt, [prompt, live], live, api_name=False)
         stop.click(None, cancels=[started])
-        restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, live],
+        restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, v2v_live],
                                    [v2v_video, v2v_status], api_name="restyle")
+        v2v_update.click(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)
+        v2v_prompt.submit(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)
         v2v_stop.click(None, cancels=[restyled])
         with gr.Group(visible=False):  # /generate is for API users: a finished .mp4 of a given length
             clip_seconds = gr.Number(value=4, label="seconds")

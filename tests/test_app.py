@@ -302,6 +302,24 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
     assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
 
 
+def test_each_tab_updates_its_own_streams_prompt(app):
+    """Text to video and video to video each have "Update prompt" (button and Enter), each writing the `live` state
+    that its own stream reads, so a visitor running both can switch one without the other."""
+    fns = app.demo.fns.values() if isinstance(app.demo.fns, dict) else app.demo.fns
+    by_name = {}
+    for fn in fns:
+        by_name.setdefault(getattr(fn.fn, "__name__", None), []).append(fn)
+    (stream,), (restyle,) = by_name["stream"], by_name["restyle"]
+    live = {"stream": stream.inputs[-1], "restyle": restyle.inputs[-1]}
+    prompt = {"stream": stream.inputs[0], "restyle": restyle.inputs[1]}
+    assert live["stream"] is not live["restyle"]
+    updates = by_name["update_prompt"]
+    for tab in ("stream", "restyle"):
+        mine = [u for u in updates if u.inputs[0] is prompt[tab]]
+        assert len(mine) == 2  # the button and Enter in the prompt box
+        assert all(u.inputs[1] is live[tab] and u.outputs == [live[tab]] for u in mine), tab
+
+
 def test_stream_options_default_to_the_models_own(app, monkeypatch):
     pipe = tiny_pipeline()
     pipe.register_to_config(guidance_scale=2.5, switch_strength=0.625)
