@@ -8,6 +8,9 @@ runs one step per segment without guidance, so a stream costs one function evalu
 2 s. Distillation happens inside each of the N segments at once: for a buffer whose chunks all sit at the start of
 their segments (a partition drawn from the mixed set, a point drawn from the forward process), the target is where
 the teacher's s guided Euler steps take every chunk: the end of its segment. Step and guidance distillation together.
+With --teacher-buffers p, that fraction of batches are instead the buffers of the teacher's own streams
+(`TeacherStreams`), as a stream meets them: a chunk at a segment start has been made by the previous segments' guided
+steps, not drawn from the forward process, and guidance moves it off the forward process's marginals.
 Resumable like training (same checkpoints, EMA, CSV/PNG loss); the result is a pipeline folder whose defaults are
 micro_steps=1 and guidance_scale=1.
 """
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .data import caption, sample_scene
 from .pipeline import StreamDiTPipeline
 from .scheduler import StreamBuffer
 from .text import tokenize
@@ -64,8 +68,62 @@ def teacher_targets(teacher, scheduler, x_start, partition, text, mask, uncond, 
     return buffer.latents, tau_start, buffer.tau()
 
 
+class TeacherStreams:
+    """The teacher's own streams, `streams` batches of `batch_size` random captions each, taken in turn so that
+    consecutive batches come from different streams. Each `segment` is one chunk of a stream: the buffer as a release
+    left it (every chunk at its segment start) and where the teacher's s guided micro steps took it before the next
+    release. A stream starts afresh (new captions, pure noise, the start-up) after `chunks` chunks. Not checkpointed:
+    a resumed run starts new streams, from the data RNG."""
+
+    def __init__(self, pipe, batch_size, micro_steps, guidance_scale, streams=4, chunks=16):
+        self.pipe, self.batch_size, self.micro_steps, self.guidance_scale = pipe, batch_size, micro_steps, guidance_scale
+        self.chunks = chunks
+        self.states, self.turn = [None] * streams, 0
+
+    def _start(self, rng):
+        captions = [caption(sample_scene(rng), rng) for _ in range(self.batch_size)]
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        state = self.pipe.prepare_stream(captions, micro_steps=self.micro_steps, guidance_scale=self.guidance_scale,
+                                         generator=generator, switch_strength=0.0)
+        released = None
+        while released is None:  # the start-up: a uniform generation until chunk 0 is clean
+            state, released = self.pipe.advance(state)
+        return state
+
+    def segment(self, rng):
+        """-> x_start, tau_start (F,), x_end, tau_end (F,), text (b, L, E), mask (b, L) of one chunk of a stream."""
+        i, self.turn = self.turn, (self.turn + 1) % len(self.states)
+        state = self.states[i]
+        if state is None or state.micro_step >= (self.chunks + state.buffer.partition.num_chunks) * self.micro_steps:
+            state = self.states[i] = self._start(rng)
+        buffer = state.buffer  # the same object after the micro steps; they replace its tensors, never write in them
+        x_start, tau_start, levels = buffer.latents, buffer.tau(), buffer.levels
+        released = None
+        for _ in range(self.micro_steps):
+            state, released = self.pipe.advance(state)
+        if released is None:
+            raise RuntimeError("the teacher's stream did not release a chunk after s micro steps")
+        # The buffer just before the release: its first c frames (reference frames, then the released chunk) and
+        # the rest, which the release shifted to the front.
+        k, c = buffer.partition.reference_frames, buffer.partition.chunk_size
+        front = torch.cat([x_start[:, :, :k].to(released.device), released], dim=2)[:, :, :c]
+        x_end = torch.cat([front, buffer.latents[:, :, :-c].to(released.device)], dim=2)
+        tau_end = buffer.taus[torch.minimum(levels + self.micro_steps, buffer.caps)]
+        return x_start, tau_start, x_end, tau_end, state.prompt_embeds, state.prompt_mask
+
+
+def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask):
+    """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau.
+    Frames that do not move (reference frames, dtau = 0) give no signal."""
+    dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
+    moving = dtau.flatten() > 0
+    target = (x_end - x_start) / dtau.clamp(min=1e-8)
+    velocity = student(x_start, tau_start.expand(x_start.shape[0], -1), text, mask).sample.float()
+    return F.mse_loss(velocity[:, :, moving], target[:, :, moving])
+
+
 def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, args, state):
-    """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau."""
+    """`segment_loss` on a buffer drawn from the forward process, every chunk at its segment start."""
     x1, captions = batch  # latents (b, C, F, H, W), captions
     partitions = scheduler.training_partitions()
     base = partitions[state.rng.integers(len(partitions))]
@@ -81,11 +139,7 @@ def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, ar
         x_start = scheduler.add_noise(x1, noise, tau_start)  # the forward process at each segment's start
         x_end, tau_start, tau_end = teacher_targets(teacher, scheduler, x_start, partition, text, mask.to(x1.device),
                                                     uncond, empty_mask.to(x1.device), args.guidance_scale)
-    dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
-    moving = dtau.flatten() > 0  # reference frames (dtau = 0) take no step and give no signal
-    target = (x_end - x_start) / dtau.clamp(min=1e-8)
-    velocity = student(x_start, tau_start.expand(x1.shape[0], -1), text, mask.to(x1.device)).sample.float()
-    return F.mse_loss(velocity[:, :, moving], target[:, :, moving])
+    return segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask.to(x1.device))
 
 
 def parse_args(argv=None):
@@ -97,11 +151,17 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=3.0, help="the teacher's classifier-free guidance")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--teacher-buffers", type=float, default=0.0,
+                   help="fraction of batches taken from the teacher's own streams instead of the forward process")
+    p.add_argument("--teacher-streams", type=int, default=4, help="streams of --batch-size captions each, in turn")
+    p.add_argument("--stream-chunks", type=int, default=16, help="chunks a teacher stream runs before a new one")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if not 0.0 <= args.teacher_buffers <= 1.0:
+        raise ValueError(f"--teacher-buffers {args.teacher_buffers} must be a fraction in [0, 1]")
     if args.export_only:
         args.steps = 0
     out = Path(args.output_dir)
@@ -120,7 +180,12 @@ def main(argv=None):
         pool.refresh(state.rng, args.pool_refresh)
         return pool.sample(state.rng, args.batch_size, buffer_frames)
 
+    streams = TeacherStreams(pipe, args.batch_size, args.micro_steps, args.guidance_scale, args.teacher_streams,
+                             args.stream_chunks)
+
     def loss(trainable, batch, state):
+        if args.teacher_buffers > 0 and state.rng.random() < args.teacher_buffers:
+            return segment_loss(trainable[0], *streams.segment(state.rng))
         return distill_loss(trainable[0], teacher, text_encoder, pipe.tokenizer, scheduler, batch, args, state)
 
     (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)

@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import distill_loss, guided_velocity, main, segment_starts, teacher_targets
+from streamdit.distill import (TeacherStreams, distill_loss, guided_velocity, main, segment_starts,
+                               teacher_targets)
 from streamdit.train import TrainState
 
 
@@ -111,3 +112,46 @@ def test_distillation_lowers_its_loss_and_exports_a_one_step_student(tmp_path):
     student = StreamDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert student.scheduler.config.micro_steps == 1 and student.config.guidance_scale == 1.0
     assert student.config.switch_strength == 0.625  # a switch works on the buffer, whoever denoises it
+
+
+@pytest.mark.parametrize("reference_frames", [0, 2])
+def test_teacher_streams_give_the_teachers_own_buffers_and_its_guided_steps(reference_frames):
+    """Each segment starts where the teacher's stream stands after a release (every chunk at its segment start) and
+    ends where s guided micro steps take it: the same as `teacher_targets` from that buffer. Streams alternate, each
+    one's next segment starts from its last one's end shifted by a chunk, and a stream restarts after `chunks`."""
+    pipe = tiny_pipeline()
+    pipe.scheduler.register_to_config(reference_frames=reference_frames)
+    s, g = 3, 2.5
+    streams = TeacherStreams(pipe, 2, s, g, streams=2, chunks=2)
+    partition = pipe.scheduler.partition(None, s, None)
+    taus, c = pipe.scheduler.taus(partition), partition.chunk_size
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    rng = np.random.default_rng(0)
+    segments = [streams.segment(rng) for _ in range(6)]
+    for x_start, tau_start, x_end, tau_end, text, mask in segments:
+        torch.testing.assert_close(tau_start, taus[segment_starts(partition)])
+        torch.testing.assert_close(tau_end, taus[partition.caps()])
+        expected, _, _ = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask, uncond,
+                                         uncond_mask, g)
+        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
+        assert (x_end - x_start).abs().max() > 0.01
+    for first, second in ((0, 2), (1, 3)):  # the same stream, one chunk on
+        torch.testing.assert_close(segments[second][0][:, :, :-c], segments[first][2][:, :, c:])
+        assert torch.equal(segments[second][4], segments[first][4])  # its captions
+    assert not torch.equal(segments[4][4], segments[0][4])  # after 2 chunks: a new stream, new captions
+    assert not torch.equal(segments[1][4], segments[0][4])  # the two streams have their own
+
+
+def test_distillation_on_teacher_buffers_runs_and_checks_its_fraction(tmp_path):
+    teacher = tiny_pipeline()
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = ["--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "run"), "--side", "16",
+            "--micro-steps", "2", "--guidance-scale", "2", "--steps", "6", "--lr", "2e-3", "--batch-size", "2",
+            "--warmup-steps", "1", "--log-every", "1", "--pool-size", "4", "--pool-clip-frames", "8",
+            "--teacher-streams", "2", "--stream-chunks", "2"]
+    main([*args, "--teacher-buffers", "1"])
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "run" / "distill-loss.csv").open())]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="1.5"):
+        main([*args, "--teacher-buffers", "1.5"])
