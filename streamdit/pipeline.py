@@ -664,14 +664,16 @@ class _Denoiser:
         while latents is None:
             if self.stop.is_set():
                 return state, None
-            prompt = self.prompts.take()
-            if prompt is not None:
-                state.set_prompt(prompt)
-            self.top_up_video(state)
+            self.take_inputs(state)
             state, latents = self.pipe.advance(state)
         return state, self.pipe._released(state, latents)
 
-    def top_up_video(self, state):
+    def take_inputs(self, state):
+        """The latest prompt asked for and one chunk of input frames ahead, into `state`: before each micro step, or
+        before each call of a `chunk_call` stream."""
+        prompt = self.prompts.take()
+        if prompt is not None:
+            state.set_prompt(prompt)
         if self.video is not None:
             self.pipe.top_up_video(state, self.video)
 
@@ -806,10 +808,7 @@ class StreamDiTStream:
         return chunk
 
     def _next_called(self) -> StreamChunk:
-        prompt = self._prompts.take()
-        if prompt is not None:
-            self.state.set_prompt(prompt)
-        self._denoiser.top_up_video(self.state)
+        self._denoiser.take_inputs(self.state)
         self.state, chunk = self.chunk_call(self.state)
         return chunk
 
