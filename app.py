@@ -216,30 +216,33 @@ def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_step
     return str(path)
 
 
-def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, live=None):
-    """Video-to-video: the uploaded clip restyled by `prompt` (SDEdit-style noising to `strength`), streamed back."""
+def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, chunk_size=None, micro_steps=None,
+            guidance_scale=None, switch_strength=None, live=None):
+    """Video-to-video: the uploaded clip restyled by `prompt` (SDEdit-style noising to `strength`), streamed back,
+    with the same stream options as text to video (the model's own where None)."""
     if not video:
         raise gr.Error("upload a video to restyle")
     prompt = check_prompt(prompt)
     strength = check_number("strength", strength, 0.05, 1.0)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
+    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale, switch_strength))
     try:
         frames = read_video(video)[: int(max_seconds * FPS)]
     except Exception as error:  # anything PyAV cannot decode
         raise gr.Error(f"could not read the uploaded video {Path(str(video)).name!r}: {error}") from None
     if live is not None:
         live["prompt"] = prompt
-    yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live))
+    yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live, **options))
 
 
-def restyled(clip, prompt, strength, seed, max_seconds, live):
+def restyled(clip, prompt, strength, seed, max_seconds, live, **options):
     """The (frames, status) chunks of a restyle. The uploaded clip stays in this generator (a `VideoSource`), not in
     the stream state: the state starts with the first buffer's worth of it, as the library's `pipe.stream(video=...)`
-    does, and is then fed one chunk ahead of each release."""
+    does, and is then fed one chunk ahead of each release. `options`: `prepare_stream`'s stream options."""
     first = clip.take(PIPE.scheduler.config.buffer_frames * PIPE.vae_scale_factor_temporal)
     state = PIPE.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
-                                generator=torch.Generator().manual_seed(seed))
+                                generator=torch.Generator().manual_seed(seed), **options)
     return chunks(state, [(0.0, prompt)], max_seconds, live, clip)
 
 
@@ -281,18 +284,8 @@ def build_demo():
                         start = gr.Button("Start", variant="primary")
                         update = gr.Button("Update prompt")
                         stop = gr.Button("Stop", variant="stop")
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
-                    with gr.Accordion("Advanced", open=False):
-                        chunk = gr.Dropdown(CHUNK_SIZES, value=chunk_default, label="Chunk size (latent frames)")
-                        micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk",
-                                          info="fewer: faster, but the video follows the prompt less well")
-                        guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
-                        switch = gr.Slider(0.0, 1.0, value=switch_default, step=0.125, label="Prompt switch strength",
-                                           info="how much of the buffer a new prompt redraws: 0 is the paper's "
-                                                "smooth switch; more follows it sooner, after a short pause")
-                        seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
-                        schedule = gr.Textbox("", label="Prompt schedule (overrides the prompt)",
-                                              placeholder="0: a red circle moving left | 4: a blue square moving up")
+                    schedule = gr.Textbox("", label="Prompt schedule (overrides the prompt)",
+                                          placeholder="0: a red circle moving left | 4: a blue square moving up")
                 with gr.Column():
                     video = gr.Video(label="Live stream", streaming=True, autoplay=True, elem_id="stream")
                     status = gr.Markdown()
@@ -310,12 +303,24 @@ def build_demo():
                 with gr.Column():
                     v2v_video = gr.Video(label="Restyled stream", streaming=True, autoplay=True)
                     v2v_status = gr.Markdown()
+        with gr.Row():  # below both tabs: a restyle takes the same seed and stream options as text to video
+            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+            seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
+        with gr.Accordion("Advanced stream options (both tabs)", open=False):
+            chunk = gr.Dropdown(CHUNK_SIZES, value=chunk_default, label="Chunk size (latent frames)")
+            micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk",
+                              info="fewer: faster, but the video follows the prompt less well")
+            guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
+            switch = gr.Slider(0.0, 1.0, value=switch_default, step=0.125, label="Prompt switch strength",
+                               info="how much of the buffer a new prompt redraws: 0 is the paper's smooth switch; "
+                                    "more follows it sooner, after a short pause")
         started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, live],
                               [video, status], api_name="stream")
         update.click(update_prompt, [prompt, live], live, api_name=False)
         prompt.submit(update_prompt, [prompt, live], live, api_name=False)
         stop.click(None, cancels=[started])
-        restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, v2v_live],
+        restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, chunk, micro, guidance, switch,
+                                             v2v_live],
                                    [v2v_video, v2v_status], api_name="restyle")
         v2v_update.click(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)
         v2v_prompt.submit(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)

@@ -125,6 +125,18 @@ def test_bad_inputs_return_the_error(server, args, message):
         client(url).predict(*args, api_name="/stream")
 
 
+def test_restyle_through_the_api(server, tmp_path):
+    """/restyle for a gradio_client user: an uploaded clip streams back restyled, with the stream options too."""
+    from gradio_client import handle_file
+
+    url, _ = server
+    frames = np.random.default_rng(3).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    clip = write_video([frames], tmp_path / "clip.mp4")
+    job = wait(client(url).submit(handle_file(str(clip)), "a blue square moving up", 0.6, 0, 10, 1, 2, 1.0, 0.0,
+                                  api_name="/restyle"))
+    assert len(frames_of(job)) == 40 and "40 frames" in job.outputs()[-1][1]
+
+
 def test_generate_returns_a_finished_mp4(server):
     url, _ = server
     clip = Client(url, verbose=False).predict("a purple circle moving down", 2, 0, "", api_name="/generate")
@@ -169,6 +181,33 @@ def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkey
         assert pending and max(pending) <= chunk  # the clip stays in the generator, not in the pickled state
     else:
         assert not pending  # the library's stream, no GPU calls
+
+
+def test_restyle_takes_the_stream_options(app, monkeypatch):
+    """Chunk size, micro steps, guidance and switch strength reach a restyle as they reach a text-to-video stream."""
+    pipe = tiny_pipeline()
+    monkeypatch.setattr(app, "PIPE", pipe)
+    frames = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    options = dict(chunk_size=1, micro_steps=2, guidance_scale=1.0, switch_strength=0.0)
+    ours = np.concatenate([out for out, _ in app.restyled(app.VideoSource(frames), "a red circle moving left", 0.6, 3, 30,
+                                                          None, **options)])
+    stream = pipe.stream("a red circle moving left", video=frames, strength=0.6,
+                         generator=torch.Generator().manual_seed(3), **options)
+    np.testing.assert_array_equal(ours, np.concatenate([chunk.frames for chunk in stream]))
+    default = np.concatenate([out for out, _ in app.restyled(app.VideoSource(frames), "a red circle moving left", 0.6,
+                                                             3, 30, None)])
+    assert np.abs(ours.astype(float) - default).mean() > 1  # the options changed the stream
+
+
+def test_both_tabs_share_the_seed_and_stream_options(app):
+    """The Seed, length and Advanced controls sit below the tabs and feed both streams."""
+    fns = app.demo.fns.values() if isinstance(app.demo.fns, dict) else app.demo.fns
+    by_name = {getattr(fn.fn, "__name__", None): fn for fn in fns}
+    stream, restyle = by_name["stream"], by_name["restyle"]
+    # stream: prompt, seed, schedule, seconds, chunk, micro, guidance, switch, live
+    # restyle: clip, prompt, strength, seed, seconds, chunk, micro, guidance, switch, live
+    assert restyle.inputs[3] is stream.inputs[1]
+    assert restyle.inputs[4:9] == [stream.inputs[3], *stream.inputs[4:8]]
 
 
 def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
@@ -234,6 +273,10 @@ def first_output(function, **kwargs):
         ("restyle", dict(strength=1.5), "strength=1.5 "),
         ("restyle", dict(seed=1.5), "seed=1.5 "),
         ("restyle", dict(max_seconds=0), "max_seconds=0 "),
+        ("restyle", dict(chunk_size=3), "chunk_size=3 must divide"),
+        ("restyle", dict(micro_steps=0), "micro_steps=0 "),
+        ("restyle", dict(guidance_scale=0.5), "guidance_scale=0.5 "),
+        ("restyle", dict(switch_strength=1.5), "switch_strength=1.5 "),
         ("update_prompt", dict(prompt=""), "prompt '' is empty"),
     ],
 )
