@@ -94,6 +94,9 @@ def check_schedule(prompt, schedule):
 
 
 def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength):
+    """The checked stream options for `prepare_stream`, the model's own where the caller gave None."""
+    chunk_size, micro_steps, guidance_scale, switch_strength = defaults(chunk_size, micro_steps, guidance_scale,
+                                                                        switch_strength)
     if chunk_size not in CHUNK_SIZES:
         raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {BUFFER} frames: one of {CHUNK_SIZES}")
     return dict(
@@ -183,7 +186,7 @@ def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale
     """Checks the inputs and prepares the stream state; returns it with the schedule."""
     schedule = check_schedule(prompt, schedule)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
-    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale, switch_strength))
+    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength)
     if live is not None:
         live["prompt"] = schedule[0][1]
     return PIPE.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
@@ -226,7 +229,7 @@ def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, chunk_size=None
     strength = check_number("strength", strength, 0.05, 1.0)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
-    options = stream_options(*defaults(chunk_size, micro_steps, guidance_scale, switch_strength))
+    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength)
     try:
         frames = read_video(video)[: int(max_seconds * FPS)]
     except Exception as error:  # anything PyAV cannot decode
