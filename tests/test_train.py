@@ -10,7 +10,7 @@ import torch
 
 from streamdit import StreamDiTPipeline
 from streamdit.data import parse_caption, render, to_video
-from streamdit.train import LatentPool, flow_matching_loss, latent_object_weights, main
+from streamdit.train import LatentPool, edge_loss, flow_matching_loss, latent_object_weights, main
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
@@ -132,7 +132,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space(run, tmp_path):
     out = tmp_path / "decoder"
     shutil.copytree(run / "vae", out / "vae")
     before = StreamDiTAutoencoder.from_pretrained(out / "vae")
-    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "5", *TINY])
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "5", "--edge-weight", "1", *TINY])
     after = StreamDiTAutoencoder.from_pretrained(out / "vae")
     for name, p in before.state_dict().items():
         changed = not torch.equal(p, after.state_dict()[name])
@@ -266,3 +266,16 @@ def test_dit_stage_trains_with_the_object_weighted_loss(run, tmp_path):
     assert len(losses(out / "dit-loss.csv")) == 2 and all(np.isfinite(losses(out / "dit-loss.csv")))
     with pytest.raises(ValueError, match="-1"):
         main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", *TINY, "--object-weight", "-1"])
+
+
+def test_edge_loss_is_the_l1_of_pixel_differences_and_prices_a_soft_edge():
+    video = torch.full((1, 3, 2, 16, 16), -1.0)
+    video[..., 4:12, 4:12] = 1.0  # a square on black
+    soft = torch.nn.functional.avg_pool3d(video, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    assert edge_loss(video, video).item() == 0.0
+    assert edge_loss(video + 0.3, video).item() == pytest.approx(0.0, abs=1e-6)  # an even shift has no edges
+    assert edge_loss(soft, video).item() > 0.0
+    edge = torch.tensor([-1.0, -1.0, 1.0, 1.0]).expand(1, 1, 1, 2, 4)  # a step, in two equal rows
+    ramp = torch.tensor([-1.0, 0.0, 0.0, 1.0]).expand(1, 1, 1, 2, 4)  # the same step, soft
+    # along W: differences (0, 2, 0) against (1, 0, 1), L1 mean 4/3; along H: both 0
+    assert edge_loss(ramp, edge).item() == pytest.approx(4 / 3)
