@@ -466,8 +466,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.object_weight < 0:
-        raise ValueError(f"--object-weight must be 0 or more, got {args.object_weight}")
+    for name in ("object_weight", "edge_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.export_only:
         args.stage, args.steps = "dit", 0  # the loop is skipped; run_stage still loads, applies EMA and saves
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

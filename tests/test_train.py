@@ -138,6 +138,8 @@ def test_decoder_fine_tuning_keeps_the_latent_space(run, tmp_path):
         changed = not torch.equal(p, after.state_dict()[name])
         assert changed == name.startswith("decoder."), name  # the encoder, so the latents, are untouched
     assert after.config.scaling_factor == before.config.scaling_factor
+    with pytest.raises(ValueError, match="--edge-weight must be 0 or more, got -2"):
+        main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "5", "--edge-weight", "-2", *TINY])
 
 
 def test_a_wider_decoder_trains_behind_the_saved_encoder(run, tmp_path):
