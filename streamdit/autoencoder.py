@@ -268,11 +268,15 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
         return self.decoder(z)  # (B, 3, F * t_c, H * s, W * s)
 
-    def forward(self, video: torch.Tensor, latent_noise: float = 0.0, generator=None) -> torch.Tensor:
+    def forward(self, video: torch.Tensor | None = None, latent_noise: float = 0.0, generator=None,
+                latents: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction. ``latent_noise`` > 0 (training only) adds sigma * std(z) * eps to the latents, sigma ~
         U[0, latent_noise] per clip: a decoder trained so maps the slightly-off latents a DiT produces to clean frames
         rather than blobs. The noise is relative to the latents' own (detached) spread, so an encoder cannot shout
-        over it by growing its latents."""
+        over it by growing its latents. With ``latents`` (made elsewhere, e.g. redrawn by a DiT) it decodes those
+        instead of encoding ``video``: training the decoder on them through forward keeps DDP's gradient sync."""
+        if latents is not None:
+            return self.decode(latents)  # (B, 3, T, H, W)
         z = self.encode(video)  # (B, C, F, H / s, W / s)
         if latent_noise > 0:
             sigma = torch.rand(z.shape[0], generator=generator).to(z.device) * latent_noise  # (B,)

@@ -24,22 +24,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .data import caption, sample_scene
-from .pipeline import StreamDiTPipeline
+from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamBuffer
 from .text import tokenize
 from .train import LatentPool, add_loop_arguments, run_stage
-
-
-def guided_velocity(transformer, x, tau, text, mask, uncond, uncond_mask, guidance_scale):
-    """u = u(empty) + g (u(prompt) - u(empty)); plain u when g = 1. x (b, C, F, H, W), tau (F,)."""
-    b = x.shape[0]
-    tau = tau.expand(b, -1)
-    if guidance_scale == 1.0:
-        return transformer(x, tau, text, mask).sample.float()
-    both = transformer(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([uncond, text]),
-                       torch.cat([uncond_mask, mask])).sample.float()
-    empty, cond = both.chunk(2)
-    return empty + guidance_scale * (cond - empty)
 
 
 def segment_starts(partition):

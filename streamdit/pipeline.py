@@ -181,6 +181,19 @@ def _as_frames(video):
     return frames
 
 
+def guided_velocity(transformer, x, tau, text, mask, uncond, uncond_mask, guidance_scale):
+    """u = u(empty) + g (u(prompt) - u(empty)), both branches in one batch; plain u when g = 1. x (b, C, F, H, W),
+    tau (F,) or (b, F)."""
+    b = x.shape[0]
+    tau = tau.expand(b, -1)
+    if guidance_scale == 1.0:
+        return transformer(x, tau, text, mask).sample.float()
+    both = transformer(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([uncond, text]),
+                       torch.cat([uncond_mask, mask])).sample.float()
+    empty, cond = both.chunk(2)
+    return empty + guidance_scale * (cond - empty)
+
+
 class StreamDiTPipeline(DiffusionPipeline):
     """Streaming text-to-video with StreamDiT (Kodaira et al., arXiv 2507.03745).
 
@@ -423,18 +436,8 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     def _velocity(self, state, latents, tau):
         """u(X_tau, P, tau) for the buffer, with classifier-free guidance when guidance_scale > 1."""
-        b = latents.shape[0]
-        embeds, mask, tau = state.prompt_embeds, state.prompt_mask, tau.expand(b, -1)  # tau (b, F)
-        guided = state.guidance_scale > 1.0
-        if guided:
-            latents = torch.cat([latents, latents])
-            embeds, mask = torch.cat([state.negative_embeds, embeds]), torch.cat([state.negative_mask, mask])
-            tau = torch.cat([tau, tau])
-        velocity = self.transformer(latents, tau, embeds, mask).sample
-        if not guided:
-            return velocity
-        uncond, cond = velocity.chunk(2)
-        return uncond + state.guidance_scale * (cond - uncond)
+        return guided_velocity(self.transformer, latents, tau, state.prompt_embeds, state.prompt_mask,
+                               state.negative_embeds, state.negative_mask, state.guidance_scale)
 
     @torch.no_grad()
     def advance(self, state: StreamState):

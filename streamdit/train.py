@@ -28,8 +28,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .autoencoder import StreamDiTAutoencoder
-from .data import VOCABULARY, caption, sample_batch
-from .pipeline import StreamDiTPipeline
+from .data import VOCABULARY, caption, render, sample_batch, to_video
+from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
 from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
 from .transformer import StreamDiTTransformer3DModel, from_preset
@@ -96,9 +96,14 @@ def vae_loss(vae, batch, args, rng):
     video = object_crops(batch[0], batch[2], rng, args.vae_crop)  # (b, 3, T, crop, crop) in [-1, 1]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     recon = vae(video, latent_noise=args.latent_noise, generator=generator)  # forward: DDP syncs it
+    return reconstruction_loss(recon, video, args.edge_weight)
+
+
+def reconstruction_loss(recon, video, edge_weight=0.0):
+    """L1 + MSE with the object's pixels weighted up, plus `edge_weight` times the edge loss."""
     w = object_weights(video)
     loss = ((recon - video).abs() * w).mean() + ((recon - video).square() * w).mean()
-    return loss + args.edge_weight * edge_loss(recon, video) if args.edge_weight else loss
+    return loss + edge_weight * edge_loss(recon, video) if edge_weight else loss
 
 
 def edge_loss(recon, video):
@@ -108,6 +113,45 @@ def edge_loss(recon, video):
     Differencing is linear, so the difference of the error is the error of the differences."""
     error = recon - video  # (b, 3, T, H, W)
     return torch.diff(error, dim=-1).abs().mean() + torch.diff(error, dim=-2).abs().mean()
+
+
+@torch.no_grad()
+def redraw(pipe, x1, captions, sigma, generator):
+    """SDEdit by the DiT: latents x1 (b, C, F, h, w) noised to tau = 1 - sigma, then taken back to tau = 1 by the
+    pipeline's guided Euler steps (every frame at one level, a uniform partition), as densely as its stored stream
+    steps (that partition's T micro steps span all of [0, 1]). What comes back is the clip as this DiT draws it: the
+    place, colour and motion of x1, with the DiT's own errors (a square's soft corners)."""
+    scheduler, frames = pipe.scheduler, x1.shape[2]
+    steps = max(1, math.ceil(sigma * scheduler.partition().num_steps))
+    partition = scheduler.partition(chunk_size=frames, micro_steps=steps, reference_frames=0, buffer_frames=frames)
+    taus = scheduler.taus(partition, strength=sigma).to(x1.device)  # (steps + 1,) from 1 - sigma to 1
+    noise = torch.randn(x1.shape, generator=generator).to(x1.device)
+    x = scheduler.add_noise(x1, noise, taus[0])  # (b, C, F, h, w)
+    text, mask = pipe.encode_prompt(captions, x1.device)
+    uncond, uncond_mask = pipe.encode_prompt([""] * len(captions), x1.device)
+    for tau, next_tau in zip(taus[:-1], taus[1:]):
+        tau, next_tau = tau.expand(frames), next_tau.expand(frames)  # (F,)
+        velocity = guided_velocity(pipe.transformer, x, tau, text, mask, uncond, uncond_mask,
+                                   pipe.config.guidance_scale)
+        x = scheduler.step(velocity, x, tau, next_tau).prev_sample
+    return x  # (b, C, F, h, w)
+
+
+def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
+    """A decoder batch from the DiT's redrawn clips: `latent_frames`-long windows of buffer-long redrawn latents, and
+    the true frames they stand for (latent frame j holds video frames t_c j .. t_c j + t_c - 1)."""
+    clips, starts = pool.windows(rng, args.batch_size, pipe.scheduler.config.buffer_frames)
+    x1 = torch.stack([pool.latents[c, :, s : s + pipe.scheduler.config.buffer_frames] for c, s in zip(clips, starts)])
+    captions = [caption(pool.scenes[c], rng) for c in clips]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    sigma = float(rng.uniform(0.0, args.redraw_noise))
+    redrawn = redraw(pipe, x1, captions, sigma, generator)  # (b, C, B, h, w)
+    k = rng.integers(redrawn.shape[2] - latent_frames + 1, size=len(clips))  # a window of each
+    latents = torch.stack([z[:, j : j + latent_frames] for z, j in zip(redrawn, k)])  # (b, C, latent_frames, h, w)
+    t_c = pool.vae.temporal_compression
+    video = torch.stack([to_video(render(pool.scenes[c], latent_frames * t_c, args.side, t_c * (s + j)))
+                         for c, s, j in zip(clips, starts, k)])  # (b, 3, T, H, W)
+    return latents, video.to(latents.device)
 
 
 def dit_loss(models, batch, args, state):
@@ -167,10 +211,14 @@ class LatentPool:
         for slot, latents, scene in zip(rng.choice(self.size, count, replace=False), fresh, scenes):
             self.latents[slot], self.scenes[slot] = latents, scene
 
+    def windows(self, rng, batch_size, frames):
+        """-> (batch_size,) random clips and (batch_size,) random starts of `frames`-long windows in them."""
+        clips = rng.integers(self.size, size=batch_size)
+        return clips, rng.integers(self.latents.shape[2] - frames + 1, size=batch_size)
+
     def sample(self, rng, batch_size, frames):
         """-> latents (b, C, frames, h, w) and captions, from random clips and random windows in them."""
-        clips = rng.integers(self.size, size=batch_size)
-        starts = rng.integers(self.latents.shape[2] - frames + 1, size=batch_size)
+        clips, starts = self.windows(rng, batch_size, frames)
         latents = torch.stack([self.latents[c, :, s : s + frames] for c, s in zip(clips, starts)])
         return latents, [caption(self.scenes[c], rng) for c in clips]
 
@@ -293,8 +341,9 @@ def reconstruction_psnr(vae, device, side=128, clips=32, seed=12345):
     return 10 * math.log10(255**2 / mse)
 
 
-def fit_autoencoder(args, vae, stage, steps, normalise):
-    """Reconstruction training of the autoencoder's trainable parameters, then <output-dir>/vae and its PSNR."""
+def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
+    """Reconstruction training of the autoencoder's trainable parameters, then <output-dir>/vae and its PSNR. With
+    `redraw_pipe`, the decoder learns to draw the true frames from that DiT's redrawn latents (`redrawn_batch`)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
     out = Path(args.output_dir)
 
@@ -303,6 +352,19 @@ def fit_autoencoder(args, vae, stage, steps, normalise):
         return videos.to(accelerator.device), captions, scenes
 
     loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
+    if redraw_pipe is not None:
+        redraw_pipe.to(accelerator.device)
+        pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
+                          args.side)
+
+        def make_batch(state):  # noqa: F811
+            pool.refresh(state.rng, args.pool_refresh)
+            return redrawn_batch(pool, redraw_pipe, state.rng, args)
+
+        def loss(trainable, batch, state):  # noqa: F811
+            latents, video = batch
+            return reconstruction_loss(trainable[0](latents=latents), video, args.edge_weight)
+
     (vae,) = run_stage(stage, args, accelerator, [vae], loss, make_batch, steps, args.vae_lr)
     if accelerator.is_main_process:
         vae.eval()
@@ -337,7 +399,20 @@ def train_decoder(args):
         vae = StreamDiTAutoencoder(**{**vae.config, **wanted})
         vae.encoder.load_state_dict(encoder)
     vae.encoder.requires_grad_(False)
-    fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False)
+    fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipeline(args, vae))
+
+
+def redraw_pipeline(args, vae):
+    """The pipeline of --redraw-with, whose DiT redraws the decoder's training latents; None without the flag. Its
+    DiT must have been trained on this encoder's latents."""
+    if args.redraw_with is None:
+        return None
+    pipe = StreamDiTPipeline.from_pretrained(args.redraw_with)
+    theirs, ours = pipe.vae.encoder.state_dict(), vae.encoder.state_dict()
+    if theirs.keys() != ours.keys() or not all(torch.equal(theirs[k], ours[k]) for k in ours):
+        raise ValueError(f"--redraw-with {args.redraw_with}: its autoencoder's encoder is not the one in "
+                         f"{args.output_dir}/vae, so its DiT draws other latents")
+    return pipe  # only its DiT and text side redraw; the decoder trained is the one in --output-dir
 
 
 def new_dit(args, vae):
@@ -433,6 +508,11 @@ def parse_args(argv=None):
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="weight of an L1 loss on pixel differences (sharp edges) in the autoencoder's loss")
     p.add_argument("--decoder-steps", type=int, default=1000)
+    p.add_argument("--redraw-with", default=None,
+                   help="a pipeline whose DiT redraws the decoder's training latents (SDEdit from --redraw-noise): the "
+                        "decoder learns to draw the true frames from that DiT's latents, its errors included")
+    p.add_argument("--redraw-noise", type=float, default=0.5,
+                   help="redrawn latents start from noise level sigma ~ U[0, this] (1 = pure noise)")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's)")
     p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved)")
@@ -469,6 +549,8 @@ def main(argv=None):
     for name in ("object_weight", "edge_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0.0 < args.redraw_noise <= 1.0:
+        raise ValueError(f"--redraw-noise must lie in (0, 1], got {args.redraw_noise}")
     if args.export_only:
         args.stage, args.steps = "dit", 0  # the loop is skipped; run_stage still loads, applies EMA and saves
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import (TeacherStreams, distill_loss, guided_velocity, main, segment_starts,
-                               teacher_targets)
+from streamdit.distill import TeacherStreams, distill_loss, main, segment_starts, teacher_targets
+from streamdit.pipeline import guided_velocity
 from streamdit.train import TrainState
 
 

@@ -10,7 +10,8 @@ import torch
 
 from streamdit import StreamDiTPipeline
 from streamdit.data import parse_caption, render, to_video
-from streamdit.train import LatentPool, edge_loss, flow_matching_loss, latent_object_weights, main
+from streamdit.train import (LatentPool, edge_loss, flow_matching_loss, latent_object_weights, main, redraw,
+                             redrawn_batch)
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
@@ -168,6 +169,7 @@ class _PixelVae:
     """An autoencoder stand-in whose latents are the frames themselves, so a pooled clip shows which scene it is."""
 
     device = torch.device("cpu")
+    temporal_compression = 1
 
     def encode(self, videos):
         return videos
@@ -281,3 +283,76 @@ def test_edge_loss_is_the_l1_of_pixel_differences_and_prices_a_soft_edge():
     ramp = torch.tensor([-1.0, 0.0, 0.0, 1.0]).expand(1, 1, 1, 2, 4)  # the same step, soft
     # along W: differences (0, 2, 0) against (1, 0, 1), L1 mean 4/3; along H: both 0
     assert edge_loss(ramp, edge).item() == pytest.approx(4 / 3)
+
+
+def test_redraw_is_the_dits_guided_euler_steps_from_the_noised_latents():
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()  # 8-frame buffer, chunk 2, 2 micro steps: T = 8 micro steps span [0, 1]
+    pipe.register_to_config(guidance_scale=2.5)
+    x1 = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    captions = ["a red circle moving left", "a blue square"]
+    redrawn = redraw(pipe, x1, captions, 0.3, torch.Generator().manual_seed(7))
+    # directly: ceil(0.3 * 8) = 3 Euler steps from tau 0.7 to 1, each branch run on its own
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(7))
+    x = 0.7 * x1 + 0.3 * noise
+    text, mask = pipe.encode_prompt(captions)
+    empty, empty_mask = pipe.encode_prompt(["", ""])
+    taus = torch.linspace(0.7, 1.0, 4)
+    for tau, next_tau in zip(taus[:-1], taus[1:]):
+        t = tau.expand(2, 8)
+        cond = pipe.transformer(x, t, text, mask).sample
+        uncond = pipe.transformer(x, t, empty, empty_mask).sample
+        x = x + (next_tau - tau) * (uncond + 2.5 * (cond - uncond))
+    assert torch.allclose(redrawn, x, atol=1e-5)
+    assert not torch.allclose(redrawn, x1, atol=1e-2)
+
+
+def test_redrawn_batches_pair_each_latent_window_with_its_frames():
+    """Pixel "latents" (the frames themselves) and almost no redraw noise: each window must come back as the frames
+    it is paired with."""
+    import argparse
+
+    from streamdit.text import StreamDiTTextEncoder, build_tokenizer
+    from streamdit.transformer import from_preset
+    from streamdit.data import VOCABULARY
+    from streamdit.scheduler import StreamDiTScheduler
+    from streamdit.autoencoder import StreamDiTAutoencoder
+
+    tokenizer = build_tokenizer(VOCABULARY, max_length=16)
+    pipe = StreamDiTPipeline(from_preset("tiny", in_channels=3, sample_size=(4, 16, 16)),
+                             StreamDiTScheduler(buffer_frames=4, chunk_size=2, micro_steps=2),
+                             StreamDiTAutoencoder(latent_channels=4, block_out_channels=(8, 8, 8),
+                                                  temporal_downsample=(True, True)),
+                             StreamDiTTextEncoder(vocab_size=len(tokenizer), max_length=16, hidden_size=16,
+                                                  num_layers=1, num_heads=2), tokenizer)
+    pool, rng = LatentPool(_PixelVae(), size=3, clip_frames=10, side=16), np.random.default_rng(0)
+    pool.refresh(rng, 1)
+    args = argparse.Namespace(batch_size=6, redraw_noise=1e-6, side=16)
+    latents, video = redrawn_batch(pool, pipe, rng, args)
+    assert latents.shape == video.shape == (6, 3, 2, 16, 16)
+    assert torch.allclose(latents, video, atol=1e-4)
+    found = [any(torch.equal(v, clip[:, s : s + 2]) for clip in pool.latents for s in range(9)) for v in video]
+    assert all(found)
+
+
+def test_decoder_trains_on_a_dits_redrawn_latents(run, tmp_path):
+    from streamdit import StreamDiTAutoencoder
+    from streamdit.train import new_vae, parse_args
+
+    out = tmp_path / "redrawn"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", "--redraw-with",
+          str(run / "pipeline"), "--redraw-noise", "0.5", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    for name, p in before.state_dict().items():
+        assert (not torch.equal(p, after.state_dict()[name])) == name.startswith("decoder."), name
+    assert len(losses(out / "decoder-loss.csv")) == 3
+    with pytest.raises(ValueError, match="--redraw-noise must lie in \\(0, 1\\], got 0.0"):
+        main(["--stage", "decoder", "--output-dir", str(out), "--redraw-with", str(run / "pipeline"),
+              "--redraw-noise", "0", *TINY])
+    other = tmp_path / "other"
+    new_vae(parse_args(TINY)).save_pretrained(other / "vae")  # another encoder: the DiT's latents are not its
+    with pytest.raises(ValueError, match="its autoencoder's encoder is not the one in"):
+        main(["--stage", "decoder", "--output-dir", str(other), "--redraw-with", str(run / "pipeline"), *TINY])
