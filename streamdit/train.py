@@ -5,6 +5,9 @@
 
 Stage "vae": the causal video autoencoder, by pixel reconstruction (L1 + MSE, object pixels weighted up: they are a few
 percent of the frame but all of the content). Its latents are then normalised to unit variance.
+Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its latents stays valid: sharper edges
+(--edge-weight), clean frames from noisy latents (--latent-noise), or the true frames from latents a trained DiT
+redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer).
 Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
 size c from {1, 2, 4, ..., B} and each chunk its own tau from Eq. 8, so one model serves uniform, diagonal and StreamDiT
 partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance.
@@ -347,21 +350,23 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
     out = Path(args.output_dir)
 
-    def make_batch(state):
-        videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
-        return videos.to(accelerator.device), captions, scenes
+    if redraw_pipe is None:
+        def make_batch(state):
+            videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
+            return videos.to(accelerator.device), captions, scenes
 
-    loss = lambda trainable, batch, state: vae_loss(trainable[0], batch, args, state.rng)  # noqa: E731
-    if redraw_pipe is not None:
+        def loss(trainable, batch, state):
+            return vae_loss(trainable[0], batch, args, state.rng)
+    else:
         redraw_pipe.to(accelerator.device)
         pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
                           args.side)
 
-        def make_batch(state):  # noqa: F811
+        def make_batch(state):
             pool.refresh(state.rng, args.pool_refresh)
             return redrawn_batch(pool, redraw_pipe, state.rng, args)
 
-        def loss(trainable, batch, state):  # noqa: F811
+        def loss(trainable, batch, state):
             latents, video = batch
             return reconstruction_loss(trainable[0](latents=latents), video, args.edge_weight)
 
