@@ -313,11 +313,11 @@ def test_redrawn_batches_pair_each_latent_window_with_its_frames():
     it is paired with."""
     import argparse
 
-    from streamdit.text import StreamDiTTextEncoder, build_tokenizer
-    from streamdit.transformer import from_preset
+    from streamdit.autoencoder import StreamDiTAutoencoder
     from streamdit.data import VOCABULARY
     from streamdit.scheduler import StreamDiTScheduler
-    from streamdit.autoencoder import StreamDiTAutoencoder
+    from streamdit.text import StreamDiTTextEncoder, build_tokenizer
+    from streamdit.transformer import from_preset
 
     tokenizer = build_tokenizer(VOCABULARY, max_length=16)
     pipe = StreamDiTPipeline(from_preset("tiny", in_channels=3, sample_size=(4, 16, 16)),
