@@ -143,9 +143,9 @@ def redraw(pipe, x1, captions, sigma, generator):
 def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
     """A decoder batch from the DiT's redrawn clips: `latent_frames`-long windows of buffer-long redrawn latents, and
     the true frames they stand for (latent frame j holds video frames t_c j .. t_c j + t_c - 1)."""
-    clips, starts = pool.windows(rng, args.batch_size, pipe.scheduler.config.buffer_frames)
-    x1 = torch.stack([pool.latents[c, :, s : s + pipe.scheduler.config.buffer_frames] for c, s in zip(clips, starts)])
-    captions = [caption(pool.scenes[c], rng) for c in clips]
+    buffer_frames = pipe.scheduler.config.buffer_frames
+    clips, starts = pool.windows(rng, args.batch_size, buffer_frames)
+    x1, captions = pool.take(rng, clips, starts, buffer_frames)  # (b, C, B, h, w)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     sigma = float(rng.uniform(0.0, args.redraw_noise))
     redrawn = redraw(pipe, x1, captions, sigma, generator)  # (b, C, B, h, w)
@@ -219,11 +219,14 @@ class LatentPool:
         clips = rng.integers(self.size, size=batch_size)
         return clips, rng.integers(self.latents.shape[2] - frames + 1, size=batch_size)
 
-    def sample(self, rng, batch_size, frames):
-        """-> latents (b, C, frames, h, w) and captions, from random clips and random windows in them."""
-        clips, starts = self.windows(rng, batch_size, frames)
+    def take(self, rng, clips, starts, frames):
+        """-> latents (b, C, frames, h, w) of the given windows, and captions of their clips."""
         latents = torch.stack([self.latents[c, :, s : s + frames] for c, s in zip(clips, starts)])
         return latents, [caption(self.scenes[c], rng) for c in clips]
+
+    def sample(self, rng, batch_size, frames):
+        """-> latents (b, C, frames, h, w) and captions, from random clips and random windows in them."""
+        return self.take(rng, *self.windows(rng, batch_size, frames), frames)
 
 
 def latest_checkpoint(folder: Path, stage: str):
