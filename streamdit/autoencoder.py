@@ -4,6 +4,8 @@ Every temporal operation only looks at the current and earlier frames and every
 normalisation is per frame, so a video can be encoded or decoded chunk by chunk:
 given enough left context (``encoder_context_frames`` / ``decoder_context_frames``)
 the chunked result equals the whole-video result exactly, which is what streaming needs.
+A ``CausalCache`` gives the same result without decoding that context again: it carries
+each temporal layer's last input frames from one chunk to the next.
 
 Shape legend: B batch, C channels, T video frames, F latent frames, H, W height and
 width (of video frames or latents, as the line says).
@@ -19,6 +21,42 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
+class CausalCache:
+    """Left context of a causal stack, carried from one chunk to the next (Wan's VAE keeps the same `feat_cache`).
+
+    Layout: ``past[i]`` (B, C_i, p_i, H_i, W_i) is the last p_i input frames of the i-th temporal layer to run, in
+    forward order, where p_i is the frames of left context it pads with. Before the first chunk there is none and each
+    layer repeats its first frame instead, as a whole-video pass does. A call reads ``past`` and fills ``next``, a
+    new list, so the cache it started from stays valid (a stream's state snapshot keeps its own):
+
+        cache = CausalCache()
+        for chunk in chunks:
+            video = vae.decode(chunk, cache)  # = the whole video's decode, these frames
+            cache = CausalCache(cache.next)
+    """
+
+    def __init__(self, past: list | None = None):
+        self.past = list(past or [])
+        self.next = []
+
+    def pad(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, frames + T, H, W): x after its `frames` frames of left context."""
+        if frames == 0:
+            return x
+        i = len(self.next)
+        past = self.past[i] if i < len(self.past) else x[:, :, :1].expand(-1, -1, frames, -1, -1)
+        x = torch.cat([past, x], dim=2)
+        self.next.append(x[:, :, -frames:])
+        return x
+
+
+def causal(layers, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    """Runs a causal stack, handing `cache` to the layers that look at earlier frames."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResBlock, Upsample)) else layer(x)
+    return x
+
+
 class CausalConv3d(nn.Module):
     """3-D conv that pads only on the left in time (replicating the first frame) and with zeros in space."""
 
@@ -31,7 +69,7 @@ class CausalConv3d(nn.Module):
         self.time_pad = kt - self.time_stride
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=(0, kh // 2, kw // 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.conv.kernel_size[0] == 1 and self.time_stride == 1:
             # A per-frame conv: run it as conv2d over (B*T) frames, several times faster than conv3d on CPU.
             b, t = x.shape[0], x.shape[2]
@@ -39,8 +77,7 @@ class CausalConv3d(nn.Module):
             conv = self.conv
             out = F.conv2d(frames, conv.weight[:, :, 0], conv.bias, conv.stride[1:], conv.padding[1:])
             return out.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
-        first = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # (B, C, pad, H, W)
-        x = torch.cat([first, x], dim=2)  # (B, C, pad + T, H, W)
+        x = (cache or CausalCache()).pad(x, self.time_pad)  # (B, C, pad + T, H, W)
         return self.conv(x)  # (B, C', T / stride, H', W')
 
 
@@ -70,9 +107,9 @@ class ResBlock(nn.Module):
         self.conv2 = CausalConv3d(out_channels, out_channels, (kt, 3, 3))
         self.skip = nn.Identity() if in_channels == out_channels else CausalConv3d(in_channels, out_channels, (1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C', T, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))  # (B, C', T, H, W)
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)  # (B, C', T, H, W)
+        h = self.conv2(F.silu(self.norm2(h)), cache)  # (B, C', T, H, W)
         return self.skip(x) + h  # (B, C', T, H, W)
 
 
@@ -116,10 +153,10 @@ class Upsample(nn.Module):
             w = w.squeeze(-3).unsqueeze(0).unsqueeze(-4)  # (1, 2, 2, C', 1, C, 2, 2)
         return w.flatten(0, 3).flatten(1, 2)  # (phases * C', taps * C, 2, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         if self.time_factor == 2:  # the previous frame beside each frame; before the first, the first (causal pad)
-            previous = torch.cat([x[:, :, :1], x[:, :, :-1]], dim=2)
+            previous = (cache or CausalCache()).pad(x, 1)[:, :, :-1]  # (B, C, T, H, W)
             x = torch.cat([previous, x], dim=1)  # (B, 2C, T, H, W)
         frames = x.transpose(1, 2).flatten(0, 1)  # (B*T, taps*C, H, W)
         kernels = self.phase_kernels()
@@ -255,18 +292,20 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
                 f"{t_multiple} and H, W multiples of {hw_multiple}"
             )
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """Video -> latents. With `cache` (CausalCache) this video continues the one encoded before with it."""
         cfg = self.config
         self._check(video, "video", cfg.in_channels, self.temporal_compression, self.spatial_compression)
-        z = self.encoder(video)  # (B, C, F, H / s, W / s)
+        z = causal(self.encoder, video, cache)  # (B, C, F, H / s, W / s)
         return (z - cfg.shift_factor) * cfg.scaling_factor  # (B, C, F, H / s, W / s)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """Latents -> video. With `cache` (CausalCache) these latents continue the ones decoded before with it."""
         cfg = self.config
         self._check(latents, "latents", cfg.latent_channels, 1, 1)
         z = latents / cfg.scaling_factor + cfg.shift_factor  # (B, C, F, H, W)
         # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
-        return self.decoder(z)  # (B, 3, F * t_c, H * s, W * s)
+        return causal(self.decoder, z, cache)  # (B, 3, F * t_c, H * s, W * s)
 
     def forward(self, video: torch.Tensor | None = None, latent_noise: float = 0.0, generator=None,
                 latents: torch.Tensor | None = None) -> torch.Tensor:

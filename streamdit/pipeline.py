@@ -27,7 +27,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
-from .autoencoder import StreamDiTAutoencoder
+from .autoencoder import CausalCache, StreamDiTAutoencoder
 from .scheduler import StreamBuffer, StreamDiTScheduler
 from .text import StreamDiTTextEncoder, tokenize, unknown_words
 from .transformer import StreamDiTTransformer3DModel
@@ -58,7 +58,7 @@ class StreamState:
     """Everything a stream carries from one micro step to the next. Plain data: it pickles, so the step function
     can run in another process (ZeroGPU) and a stream can be saved and resumed bit for bit.
 
-    Two sides, which a pipelined stream runs on two threads: the decoder side (`_DECODER_SIDE`: decode_context and the
+    Two sides, which a pipelined stream runs on two threads: the decoder side (`_DECODER_SIDE`: decode_cache and the
     release counters) is written only by decoding, everything else (buffer, prompts, RNG, video input, micro_step,
     denoise_seconds) only by the denoiser (`advance`, the prompt and video input). Both replace values rather than
     write into tensors or arrays in place, so a shallow copy (`_snapshot`) is a snapshot.
@@ -69,7 +69,7 @@ class StreamState:
     negative_prompt: list[str]
     guidance_scale: float
     generator_state: torch.Tensor  # CPU generator state: fresh noise for every chunk that enters
-    decode_overlap: int  # latent frames of left context for overlapped decoding
+    overlapped_decoding: bool  # decode each chunk as the continuation of the last (no seams), or on its own
     prompt_embeds: torch.Tensor | None = None  # (b, L, E) for the current prompt; None = encode at the next step
     prompt_mask: torch.Tensor | None = None  # (b, L) bool
     negative_embeds: torch.Tensor | None = None
@@ -77,14 +77,15 @@ class StreamState:
     micro_step: int = 0  # micro steps taken
     chunks_released: int = 0
     frames_released: int = 0  # video frames handed out
-    decode_context: torch.Tensor | None = None  # (b, C, <= decode_overlap, H, W) last released latents
+    decode_cache: list[torch.Tensor] | None = None  # the decoder's left context: CausalCache.past, None at the start
     denoise_seconds: float = 0.0  # since the last release
     switch_strength: float = 0.0  # how far a prompt switch takes the buffer back (see `set_prompt`)
     switched_from: list[str] | None = None  # the last micro step's prompt, while a set_prompt waits for the next one
     # video-to-video (None for text-to-video)
     strength: float = 1.0
     video_pending: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 input frames not yet in the buffer
-    video_context: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 frames already encoded: the encoder's left context
+    video_last: np.ndarray | None = None  # (1, Hv, Wv, 3) uint8 the last input frame encoded: it repeats past the end
+    encode_cache: list[torch.Tensor] | None = None  # the encoder's left context: CausalCache.past, None at the start
     video_ended: bool = False
     video_frames_in: int = 0  # real input frames taken into the chunks (the rest is padding)
 
@@ -108,14 +109,18 @@ class StreamState:
 
     def to(self, device):
         self.buffer.to(device)
-        for name in ("prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask", "decode_context"):
+        for name in ("prompt_embeds", "prompt_mask", "negative_embeds", "negative_mask"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        for name in ("decode_cache", "encode_cache"):
+            cache = getattr(self, name)
+            if cache is not None:
+                setattr(self, name, [frames.to(device) for frames in cache])
         return self
 
 
-_DECODER_SIDE = ("decode_context", "chunks_released", "frames_released")
+_DECODER_SIDE = ("decode_cache", "chunks_released", "frames_released")
 
 
 def _snapshot(state: StreamState) -> StreamState:
@@ -303,7 +308,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         video: np.ndarray | None = None,
         strength: float = 1.0,
-        decode_overlap: int | None = None,
+        overlapped_decoding: bool = True,
         video_complete: bool = True,
         switch_strength: float | None = None,
     ) -> StreamState:
@@ -328,10 +333,8 @@ class StreamDiTPipeline(DiffusionPipeline):
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if decode_overlap is None:
-            decode_overlap = self.vae.decoder_context_frames
-        if not isinstance(decode_overlap, int) or decode_overlap < 0:
-            raise ValueError(f"decode_overlap={decode_overlap} must be an integer >= 0")
+        if not isinstance(overlapped_decoding, bool):
+            raise ValueError(f"overlapped_decoding={overlapped_decoding!r} must be True or False")
         taus = self.scheduler.taus(partition, strength)
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -348,7 +351,7 @@ class StreamDiTPipeline(DiffusionPipeline):
             negative_prompt=negatives,
             guidance_scale=float(guidance_scale),
             generator_state=generator.get_state(),
-            decode_overlap=decode_overlap,
+            overlapped_decoding=overlapped_decoding,
             strength=float(strength),
             switch_strength=float(switch_strength),
         )
@@ -394,25 +397,24 @@ class StreamDiTPipeline(DiffusionPipeline):
         pending = state.video_pending
         if len(pending) < count and not state.video_ended:
             raise ValueError(f"the stream needs {count} input frames and has {len(pending)}: feed more or end it")
-        if len(pending) == 0 and state.video_context is None:
+        if len(pending) == 0 and state.video_last is None:
             raise ValueError("video-to-video needs at least one input frame")
         taken, state.video_pending = pending[:count], pending[count:]
         state.video_frames_in += len(taken)
         if len(taken) < count:
-            last = taken[-1:] if len(taken) else state.video_context[-1:]
+            last = taken[-1:] if len(taken) else state.video_last
             taken = np.concatenate([taken, np.repeat(last, count - len(taken), axis=0)])
         return taken
 
     @torch.no_grad()
     def _encode_input(self, state, frames):
-        """Encodes input frames with the previous ones as causal left context (seamless chunked encoding)."""
-        context = state.video_context if state.video_context is not None else frames[:0]
-        height, width = frames.shape[1:3]
-        video = _frames_to_video(np.concatenate([context, frames]), height, width)
-        latents = self.vae.encode(video.to(self._execution_device, self.vae.dtype)).float()  # (1, C, F', H, W)
-        keep = self.vae.encoder_context_frames
-        state.video_context = np.concatenate([context, frames])[-keep:] if keep else frames[-1:]
-        return latents[:, :, -(len(frames) // self.vae_scale_factor_temporal) :]
+        """Encodes input frames as the continuation of those encoded before (seamless chunked encoding, each frame
+        encoded once): the encoder's temporal layers carry their last input frames from chunk to chunk."""
+        video = _frames_to_video(frames, *frames.shape[1:3])
+        cache = CausalCache(state.encode_cache)
+        latents = self.vae.encode(video.to(self._execution_device, self.vae.dtype), cache).float()  # (1, C, F, H, W)
+        state.encode_cache, state.video_last = cache.next, frames[-1:]
+        return latents
 
     def _fresh_chunk(self, state):
         """The chunk that enters the buffer at level 0: pure noise, or the noised next input chunk (video-to-video)."""
@@ -468,14 +470,11 @@ class StreamDiTPipeline(DiffusionPipeline):
         return state, buffer.release(self._fresh_chunk(state))
 
     @torch.no_grad()
-    def decode_latents(self, latents, context=None):
-        """Latents (b, C, c, H, W) -> video (b, 3, c * t, Hv, Wv) in [-1, 1], decoded after `context` latents
-        (b, C, k, H, W) whose own frames are dropped: the overlapped decoding that hides seams between chunks."""
-        k = 0 if context is None else context.shape[2]
-        if k:
-            latents = torch.cat([context.to(latents.device), latents], dim=2)
-        video = self.vae.decode(latents.to(self.vae.dtype)).float()
-        return video[:, :, k * self.vae_scale_factor_temporal :]
+    def decode_latents(self, latents, cache: CausalCache | None = None):
+        """Latents (b, C, c, H, W) -> video (b, 3, c * t, Hv, Wv) in [-1, 1]. With `cache` they continue the latents
+        decoded before with it: the paper's overlapped decoding, which hides seams between chunks, with each frame
+        decoded once (the decoder's temporal layers carry their last input frames instead of decoding them again)."""
+        return self.vae.decode(latents.to(self.vae.dtype), cache).float()
 
     def decode_chunk(self, state: StreamState, latents) -> StreamChunk:
         """Decodes a released chunk of a single-prompt stream into uint8 frames and updates the decode context."""
@@ -491,10 +490,10 @@ class StreamDiTPipeline(DiffusionPipeline):
         """Decoder side of a release: touches only the state's `_DECODER_SIDE` fields."""
         start = time.perf_counter()
         latents = released.latents
-        video = self.decode_latents(latents, state.decode_context)  # (1, 3, f, Hv, Wv)
-        if state.decode_overlap:
-            previous = latents if state.decode_context is None else torch.cat([state.decode_context, latents], 2)
-            state.decode_context = previous[:, :, -state.decode_overlap :]
+        cache = CausalCache(state.decode_cache) if state.overlapped_decoding else None
+        video = self.decode_latents(latents, cache)  # (1, 3, f, Hv, Wv)
+        if cache is not None:
+            state.decode_cache = cache.next
         frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         if released.frame_limit is not None:  # drop the padding after an input video's end
             frames = frames[: max(released.frame_limit - state.frames_released, 0)]
@@ -591,7 +590,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         # 2. The stream state: prompt checks, noise buffer
         state = self.prepare_stream(
             prompt, negative_prompt, height, width, chunk_size, micro_steps, reference_frames, guidance_scale,
-            generator, latents, decode_overlap=0,
+            generator, latents, overlapped_decoding=False,
         )
         # 3. Micro steps until enough latent frames are released
         chunks_needed = -(-num_frames // (partition.chunk_size * t))

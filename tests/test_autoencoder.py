@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from streamdit.autoencoder import StreamDiTAutoencoder
+from streamdit.autoencoder import CausalCache, StreamDiTAutoencoder
 
 TINY = dict(block_out_channels=(8, 8, 8), temporal_downsample=(True, True))
 
@@ -47,6 +47,44 @@ def test_chunked_decoding_matches_whole(vae, k, c, extra, exact):
     chunk = vae.decode(latents[:, :, k - ctx : k + c])[:, :, -c * t_c :]
     diff = (chunk - whole).abs().max().item()
     assert diff < 1e-5 if exact else diff > 1e-4
+
+
+@pytest.mark.parametrize("kt", [3, 1])
+@torch.no_grad()
+def test_cached_chunked_decoding_matches_whole(kt):
+    """A CausalCache carries each temporal layer's last input frames: chunks decoded one after the other equal the
+    whole decode, each frame decoded once; a cache is not changed by the call that reads it."""
+    torch.manual_seed(3)
+    vae = StreamDiTAutoencoder(**TINY, temporal_kernel_size=kt).eval()
+    latents = torch.randn(1, 8, 9, 4, 4)
+    whole = vae.decode(latents)
+    cache, caches, parts = CausalCache(), [], []
+    for start, end in [(0, 2), (2, 3), (3, 5), (5, 9)]:
+        parts.append(vae.decode(latents[:, :, start:end], cache))
+        caches.append(cache)
+        cache = CausalCache(cache.next)
+    assert [p.shape[2] for p in parts] == [8, 4, 8, 16]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    again = vae.decode(latents[:, :, 3:5], CausalCache(caches[2].past))  # the third chunk again, from its cache
+    torch.testing.assert_close(again, parts[2], rtol=0, atol=0)
+    fresh = vae.decode(latents[:, :, 3:5])  # no cache: the chunk starts from a blank past
+    assert (fresh - parts[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kt", [3, 1])
+@torch.no_grad()
+def test_cached_chunked_encoding_matches_whole(kt):
+    """The same for the encoder, whose temporal downsampling is strided: chunks of whole latent frames."""
+    torch.manual_seed(4)
+    vae = StreamDiTAutoencoder(**TINY, temporal_kernel_size=kt).eval()
+    video = torch.rand(1, 3, 36, 8, 8) * 2 - 1
+    whole = vae.encode(video)
+    cache, parts = CausalCache(), []
+    for start, end in [(0, 8), (8, 12), (12, 20), (20, 36)]:
+        parts.append(vae.encode(video[:, :, start:end], cache))
+        cache = CausalCache(cache.next)
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    assert (vae.encode(video[:, :, 12:20]) - parts[2]).abs().max() > 1e-3  # without the cache: a blank past
 
 
 # extra: latent frames (temporal_compression video frames each) of context beyond encoder_context_frames.

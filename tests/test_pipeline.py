@@ -98,7 +98,7 @@ def test_stream_equals_fixed_length_generation_with_overlapped_decoding(pipe):
     whole = (whole * 255).round()
     streamed = np.concatenate([c.frames for c in take(pipe.stream(PROMPT, generator=seeded()), 6)]).astype(float)
     assert np.abs(streamed - whole).max() <= 1  # identical up to rounding: no seams between chunks
-    seamed = take(pipe.stream(PROMPT, generator=seeded(), decode_overlap=0), 6)
+    seamed = take(pipe.stream(PROMPT, generator=seeded(), overlapped_decoding=False), 6)
     seamed = np.concatenate([c.frames for c in seamed]).astype(float)
     assert np.abs(seamed[:8] - whole[:8]).max() <= 1  # the first chunk has no past either way
     assert np.abs(seamed[8:] - whole[8:]).max() > 10  # without overlap, later chunks start from a blank past
@@ -136,14 +136,14 @@ def test_pipelined_stream_denoises_the_next_chunk_while_decoding(pipe, monkeypat
         stepped.set()
         return advance(state)
 
-    def slow_decode(latents, context=None):
+    def slow_decode(latents, cache=None):
         stepped.clear()
         events.append(("decode", None, threading.current_thread()))
         decoding.set()
         stepped.wait(patience)
         events.append(("decoded", None, threading.current_thread()))
         decoding.clear()
-        return decode(latents, context)
+        return decode(latents, cache)
 
     monkeypatch.setattr(pipe, "advance", recording_advance)
     monkeypatch.setattr(pipe, "decode_latents", slow_decode)
@@ -550,8 +550,7 @@ def test_bad_stream_input_raises_value_error(pipe):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(decode_overlap=-1), "decode_overlap=-1"),
-        (dict(decode_overlap=1.5), r"decode_overlap=1\.5"),
+        (dict(overlapped_decoding=1), "overlapped_decoding=1 must be True or False"),
         (dict(prompt=[PROMPT, "a blue square"], video=smooth_video(32)),
          r"single prompt, got 2: \['a red circle moving left', 'a blue square'\]"),
         (dict(video=smooth_video(10), video_complete=False), "needs 32 input frames and has 10"),
