@@ -104,6 +104,23 @@ def test_stream_equals_fixed_length_generation_with_overlapped_decoding(pipe):
     assert np.abs(seamed[8:] - whole[8:]).max() > 10  # without overlap, later chunks start from a blank past
 
 
+@pytest.mark.parametrize("restyle", [False, True])
+def test_stream_decodes_and_encodes_each_frame_once(restyle, monkeypatch):
+    """The decoder (and a video-to-video input's encoder) carries its left context in a CausalCache: every call
+    after the first gets only the chunk's own frames, never the frames before it again."""
+    pipe = tiny_pipeline()
+    decoded, encoded = [], []
+    decode, encode = pipe.vae.decode, pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, cache=None: decoded.append(z.shape[2]) or decode(z, cache))
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, cache=None: encoded.append(x.shape[2]) or encode(x, cache))
+    options = dict(video=smooth_video(64), strength=0.6) if restyle else {}
+    take(pipe.stream(PROMPT, generator=seeded(), **options), 4)
+    chunk = pipe.scheduler.config.chunk_size
+    assert decoded == [chunk] * 4
+    if restyle:  # the first buffer, then one chunk of input frames per release
+        assert encoded == [32] + [chunk * pipe.vae_scale_factor_temporal] * 4
+
+
 def test_pipelined_stream_equals_the_sequential_one(pipe):
     def chunks(pipelined):
         stream = pipe.stream(PROMPT, negative_prompt="a blue square", guidance_scale=2.0, generator=seeded(),
