@@ -6,8 +6,8 @@ however long the buffer (linear growth); full attention's cost per frame grows w
 
 `python -m streamdit.benchmark stream --teacher PATH [--student PATH]` measures what multistep distillation buys, in
 one run on one machine. Rows: the teacher at its stored defaults (its scheduler's s micro steps, its guidance scale),
-the student (one micro step, no guidance) and, for reference, the undistilled teacher at one micro step without
-guidance. Columns: transformer evaluations (NFEs) per released chunk, and of the start-up; time to the first frame;
+the student at its own (s' micro steps, 1 in the paper, no guidance) and, for reference, the undistilled teacher
+without guidance at one micro step and at the student's s'. Columns: transformer evaluations (NFEs) per released chunk, and of the start-up; time to the first frame;
 generation frames per second after start-up; all-attribute prompt adherence (streamdit.evaluate).
 """
 
@@ -138,13 +138,14 @@ def time_stream(pipe, prompt, seconds, seed=0, pipelined=None, **options):
 
 
 def stream_rows(teacher, student=None):
-    """(name, pipeline, stream options) per row: the teacher as stored, the student and the undistilled teacher at
-    one micro step without guidance."""
-    one_step = dict(micro_steps=1, guidance_scale=1.0)
-    rows = [("teacher", teacher, {})]
+    """(name, pipeline, stream options) per row: the teacher and the student as stored (the student's s' micro
+    steps, no guidance), then the undistilled teacher without guidance at one micro step and, for a student with
+    s' > 1, at s': what the student costs, without distillation."""
+    rows, steps = [("teacher", teacher, {})], [1]
     if student is not None:
-        rows.append(("student", student, one_step))
-    return rows + [("teacher, undistilled s=1", teacher, one_step)]
+        rows.append(("student", student, {}))
+        steps += [s for s in [student.scheduler.config.micro_steps] if s != 1]
+    return rows + [(f"teacher, undistilled s={s}", teacher, dict(micro_steps=s, guidance_scale=1.0)) for s in steps]
 
 
 def benchmark_row(pipe, options, prompts, seconds, seed, pipelined=None):

@@ -11,8 +11,11 @@ the teacher's s guided Euler steps take every chunk: the end of its segment. Ste
 With --teacher-buffers p, that fraction of batches are instead the buffers of the teacher's own streams
 (`TeacherStreams`), as a stream meets them: a chunk at a segment start has been made by the previous segments' guided
 steps, not drawn from the forward process, and guidance moves it off the forward process's marginals.
+With --student-micro-steps s' the student takes s' steps per segment instead of one, each where s / s' guided
+teacher steps go (s' = s is guidance distillation alone): fewer steps to learn for a small model, at s' function
+evaluations per released chunk instead of 2 s.
 Resumable like training (same checkpoints, EMA, CSV/PNG loss); the result is a pipeline folder whose defaults are
-micro_steps=1 and guidance_scale=1.
+micro_steps=s' and guidance_scale=1.
 """
 
 import argparse
@@ -37,19 +40,30 @@ def segment_starts(partition):
     return starts
 
 
+def student_levels(partition, student_step, student_micro_steps):
+    """(F,) teacher level at the start of the student's micro step j (of s') in every chunk's segment: each student
+    step covers s / s' of the teacher's. Reference frames stay clean."""
+    starts = segment_starts(partition)
+    moving = starts < partition.num_steps
+    starts[moving] += student_step * (partition.micro_steps // student_micro_steps)
+    return starts
+
+
 @torch.no_grad()
-def teacher_targets(teacher, scheduler, x_start, partition, text, mask, uncond, uncond_mask, guidance_scale):
-    """Where the teacher's s guided micro steps take a buffer whose chunks sit at the start of their segments.
+def teacher_targets(teacher, scheduler, x_start, partition, text, mask, uncond, uncond_mask, guidance_scale,
+                    levels=None, steps=None):
+    """Where the teacher's guided micro steps take a buffer: by default s steps from every chunk's segment start.
 
     Uses the stream's own buffer (StreamBuffer): with every chunk at its segment start, s micro steps move each one
-    exactly to the top of its segment (its cap). Returns (x_end, tau_start (F,), tau_end (F,)).
+    exactly to the top of its segment (its cap). A student with s' micro steps per segment starts at `levels`
+    (`student_levels`) and learns `steps` = s / s' of them. Returns (x_end, tau_start (F,), tau_end (F,)).
     """
     taus = scheduler.taus(partition).to(x_start.device)
     buffer = StreamBuffer(x_start, partition, taus)
     buffer.to(x_start.device)
-    buffer.levels = segment_starts(partition).to(x_start.device)
+    buffer.levels = (segment_starts(partition) if levels is None else levels).to(x_start.device)
     tau_start = buffer.tau()
-    for _ in range(partition.micro_steps):
+    for _ in range(partition.micro_steps if steps is None else steps):
         tau, next_tau = buffer.tau(), buffer.next_tau()
         velocity = guided_velocity(teacher, buffer.latents, tau, text, mask, uncond, uncond_mask, guidance_scale)
         buffer.update(scheduler.step(velocity, buffer.latents, tau, next_tau).prev_sample)
@@ -111,7 +125,9 @@ def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask):
 
 
 def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, args, state):
-    """`segment_loss` on a buffer drawn from the forward process, every chunk at its segment start."""
+    """`segment_loss` on a buffer drawn from the forward process, every chunk at its segment start (or, for a
+    student with s' > 1 micro steps per segment, at the start of one of its s' steps, the same one in every chunk,
+    as in a stream)."""
     x1, captions = batch  # latents (b, C, F, H, W), captions
     partitions = scheduler.training_partitions()
     base = partitions[state.rng.integers(len(partitions))]
@@ -123,10 +139,13 @@ def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, ar
         text = text_encoder(ids.to(x1.device), mask.to(x1.device))
         empty_ids, empty_mask = tokenize(tokenizer, [""] * len(captions))
         uncond = text_encoder(empty_ids.to(x1.device), empty_mask.to(x1.device))
-        tau_start = scheduler.taus(partition).to(x1.device)[segment_starts(partition).to(x1.device)]
-        x_start = scheduler.add_noise(x1, noise, tau_start)  # the forward process at each segment's start
+        student_steps = args.student_micro_steps
+        levels = student_levels(partition, int(state.rng.integers(student_steps)), student_steps)
+        tau_start = scheduler.taus(partition).to(x1.device)[levels.to(x1.device)]
+        x_start = scheduler.add_noise(x1, noise, tau_start)  # the forward process at each step's start
         x_end, tau_start, tau_end = teacher_targets(teacher, scheduler, x_start, partition, text, mask.to(x1.device),
-                                                    uncond, empty_mask.to(x1.device), args.guidance_scale)
+                                                    uncond, empty_mask.to(x1.device), args.guidance_scale, levels,
+                                                    args.micro_steps // student_steps)
     return segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask.to(x1.device))
 
 
@@ -137,6 +156,9 @@ def parse_args(argv=None):
     add_loop_arguments(p, "runs/distill", batch_size=8, warmup_steps=50, pool_size=256, pool_refresh=2)
     p.add_argument("--micro-steps", type=int, default=8, help="the teacher's s")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="the teacher's classifier-free guidance")
+    p.add_argument("--student-micro-steps", type=int, default=1,
+                   help="the student's s' (divides s): 1 is the paper's one step per segment; s is guidance "
+                        "distillation alone")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--teacher-buffers", type=float, default=0.0,
@@ -150,6 +172,12 @@ def main(argv=None):
     args = parse_args(argv)
     if not 0.0 <= args.teacher_buffers <= 1.0:
         raise ValueError(f"--teacher-buffers {args.teacher_buffers} must be a fraction in [0, 1]")
+    s, s_student = args.micro_steps, args.student_micro_steps
+    if s < 1 or s_student < 1 or s % s_student:
+        raise ValueError(f"--student-micro-steps {s_student} must be a positive divisor of --micro-steps {s}")
+    if args.teacher_buffers > 0 and s_student != 1:
+        raise ValueError(f"--teacher-buffers {args.teacher_buffers} needs --student-micro-steps 1 (the teacher's "
+                         f"streams give whole segments), not {s_student}")
     if args.export_only:
         args.steps = 0
     out = Path(args.output_dir)
@@ -178,7 +206,7 @@ def main(argv=None):
 
     (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)
     if accelerator.is_main_process:
-        scheduler.register_to_config(micro_steps=1)
+        scheduler.register_to_config(micro_steps=s_student)
         student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0,
                                          switch_strength=pipe.config.switch_strength)
         student_pipe.save_pretrained(out / "pipeline")

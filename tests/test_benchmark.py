@@ -42,7 +42,7 @@ def test_stream_benchmark_runs_end_to_end(tmp_path, capsys):
     teacher = tiny_pipeline()
     teacher.register_to_config(guidance_scale=2.0)  # stored defaults: s = 2, guidance 2
     teacher.save_pretrained(tmp_path / "teacher")
-    tiny_pipeline(seed=1, micro_steps=1).save_pretrained(tmp_path / "student")
+    tiny_pipeline(seed=1, micro_steps=2).save_pretrained(tmp_path / "student")  # a student with s' = 2
     out = tmp_path / "bench" / "stream.md"
     main(["stream", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
           "--seconds", "2", "--prompts", "2", "--device", "cpu", "--out", str(out)])
@@ -50,11 +50,12 @@ def test_stream_benchmark_runs_end_to_end(tmp_path, capsys):
     written = out.read_text()
     assert "threads" in written and "device: cpu" in written and written.strip() in printed.strip()
     rows = table_rows(written)
-    assert list(rows) == ["teacher", "student", "teacher, undistilled s=1"]
+    assert list(rows) == ["teacher", "student", "teacher, undistilled s=1", "teacher, undistilled s=2"]
     # s, guidance, NFEs per chunk, start-up NFEs: the teacher's 2 guided micro steps are 2 * 2 = 4 NFEs per chunk
     assert rows["teacher"][:4] == ["2", "2", "4", "16"]
-    assert rows["student"][:4] == ["1", "1", "1", "4"]
+    assert rows["student"][:4] == ["2", "1", "2", "8"]
     assert rows["teacher, undistilled s=1"][:4] == ["1", "1", "1", "4"]
+    assert rows["teacher, undistilled s=2"][:4] == ["2", "1", "2", "8"]
     for cells in rows.values():
         first_frame, fps, adherence = (float(c) for c in cells[4:])
         assert first_frame > 0 and fps > 0 and math.isfinite(fps) and 0 <= adherence <= 1

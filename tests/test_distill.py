@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import TeacherStreams, distill_loss, main, segment_starts, teacher_targets
+from streamdit.distill import TeacherStreams, distill_loss, main, segment_starts, student_levels, teacher_targets
 from streamdit.pipeline import guided_velocity
 from streamdit.train import TrainState
 
@@ -42,6 +42,56 @@ def test_teacher_targets_are_s_guided_euler_steps_per_segment():
     torch.testing.assert_close(tau_start, taus[start])
     torch.testing.assert_close(tau_end, taus[start + 3])
     assert torch.equal(tau_end[:2], torch.ones(2))  # the cleanest chunk ends clean
+
+
+def test_student_levels_start_each_students_step_inside_every_segment():
+    partition = Partition(2, 3, 2, 4)  # s = 4; a student with s' = 2 covers 2 teacher levels a step
+    assert student_levels(partition, 0, 2).tolist() == segment_starts(partition).tolist()
+    assert student_levels(partition, 1, 2).tolist() == [12, 12, 10, 10, 6, 6, 2, 2]  # reference frames stay clean
+    assert student_levels(partition, 3, 4).tolist() == [12, 12, 11, 11, 7, 7, 3, 3]
+
+
+@pytest.mark.parametrize("student_step", [0, 1])
+def test_teacher_targets_for_a_two_step_student_are_its_share_of_the_guided_steps(student_step):
+    """s = 4, s' = 2: from the start of the student's step j, the teacher's 2 guided steps, computed directly."""
+    pipe = tiny_pipeline()
+    partition = Partition(0, 4, 2, 4)
+    taus = pipe.scheduler.taus(partition)
+    x_start = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    text, mask = pipe.encode_prompt(["a red circle", "a blue square"])
+    uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    levels = student_levels(partition, student_step, 2)
+    x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
+                                                uncond, uncond_mask, 2.5, levels, 2)
+    start = torch.tensor([3, 3, 2, 2, 1, 1, 0, 0]) * 4 + 2 * student_step
+    x = x_start.clone()
+    with torch.no_grad():
+        for k in range(2):
+            tau, tau_next = taus[start + k], taus[start + k + 1]
+            cond = pipe.transformer(x, tau.expand(2, -1), text, mask).sample
+            empty = pipe.transformer(x, tau.expand(2, -1), uncond, uncond_mask).sample
+            x = x + (empty + 2.5 * (cond - empty)) * (tau_next - tau).view(1, 1, -1, 1, 1)
+    torch.testing.assert_close(x_end, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tau_start, taus[start])
+    torch.testing.assert_close(tau_end, taus[start + 2])
+    assert torch.equal(tau_end[:2] == 1, torch.tensor([student_step == 1] * 2))  # clean only after the last step
+
+
+def test_a_student_with_the_teachers_micro_steps_learns_the_guided_velocity():
+    """s' = s: one teacher step per student step, so the one-step target (x_end - x_start) / dtau is the guided
+    velocity itself (guidance distillation alone)."""
+    pipe = tiny_pipeline()
+    partition = Partition(0, 4, 2, 3)
+    x_start = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    text, mask = pipe.encode_prompt(["a red circle", "a blue square"])
+    uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    levels = student_levels(partition, 2, 3)
+    x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
+                                                uncond, uncond_mask, 2.5, levels, 1)
+    with torch.no_grad():
+        guided = guided_velocity(pipe.transformer, x_start, tau_start, text, mask, uncond, uncond_mask, 2.5)
+    target = (x_end - x_start) / (tau_end - tau_start).view(1, 1, -1, 1, 1)
+    torch.testing.assert_close(target, guided, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("g", [1.0, 2.5])
@@ -88,7 +138,7 @@ def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step
         return SimpleNamespace(sample=(y - x) / dtau.view(1, 1, -1, 1, 1))
 
     x1 = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-    args = SimpleNamespace(micro_steps=2, guidance_scale=g)
+    args = SimpleNamespace(micro_steps=2, guidance_scale=g, student_micro_steps=1)
 
     def loss(student):
         return distill_loss(student, pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
@@ -112,6 +162,23 @@ def test_distillation_lowers_its_loss_and_exports_a_one_step_student(tmp_path):
     student = StreamDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
     assert student.scheduler.config.micro_steps == 1 and student.config.guidance_scale == 1.0
     assert student.config.switch_strength == 0.625  # a switch works on the buffer, whoever denoises it
+
+
+def test_distillation_exports_a_student_with_its_micro_steps_and_checks_them(tmp_path):
+    teacher = tiny_pipeline()
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = ["--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "run"), "--side", "16",
+            "--micro-steps", "4", "--guidance-scale", "2", "--steps", "4", "--lr", "2e-3", "--batch-size", "2",
+            "--warmup-steps", "1", "--log-every", "1", "--pool-size", "4", "--pool-clip-frames", "8"]
+    main([*args, "--student-micro-steps", "2"])
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "run" / "distill-loss.csv").open())]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    student = StreamDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert student.scheduler.config.micro_steps == 2 and student.config.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="--student-micro-steps 3"):
+        main([*args, "--student-micro-steps", "3"])
+    with pytest.raises(ValueError, match="--teacher-buffers 0.5"):
+        main([*args, "--student-micro-steps", "2", "--teacher-buffers", "0.5"])
 
 
 @pytest.mark.parametrize("reference_frames", [0, 2])
