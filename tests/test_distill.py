@@ -110,41 +110,49 @@ def test_guided_velocity_is_the_guidance_formula(g):
     assert (cond - empty).abs().max() > 0.1  # the branches differ: a wrong g would show
 
 
-def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step(monkeypatch):
-    """The loss's target recomputed by hand, with K = 2 reference frames: from each chunk's segment start, s = 2
-    guided teacher steps, divided by the segment's dtau. On the reference frames dtau = 0 and this student answers
-    0 / 0 = NaN: they give no signal and must not reach the loss."""
+@pytest.mark.parametrize("student_micro_steps", [1, 2])
+def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step(monkeypatch, student_micro_steps):
+    """The loss's target recomputed by hand, with K = 2 reference frames: from the start of the student's step (each
+    chunk's segment start for s' = 1), s / s' guided teacher steps, divided by their dtau. On the reference frames
+    dtau = 0 and this student answers 0 / 0 = NaN: they give no signal and must not reach the loss."""
     pipe = tiny_pipeline()
     monkeypatch.setattr(pipe.scheduler, "training_partitions", lambda: [Partition(2, 3, 2, 1)])  # K 2, N 3, c 2
     taus, g = pipe.scheduler.taus(Partition(2, 3, 2, 2)), 2.5  # T = 6 levels
     start = torch.tensor([6, 6, 4, 4, 2, 2, 0, 0])  # reference frames clean, each chunk at its segment's start
     moves = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1])
+    teacher_steps = 2 // student_micro_steps
     captions = ["a red circle moving left", "a blue square moving up"]
     with torch.no_grad():
         uncond, uncond_mask = pipe.encode_prompt(["", ""])
-    seen = []
+    seen, offsets = [], set()
 
     def one_step_student(x, tau, text, mask):
         seen.append(x)
-        torch.testing.assert_close(tau, taus[start].expand(2, -1))
+        levels = (taus.view(-1, 1) == tau[0].view(1, -1)).float().argmax(0)  # where the buffer stands, from its tau
+        offset = levels - start
+        assert torch.equal(offset, offset[-1] * moves) and 0 <= offset[-1] < 2  # the same step in every chunk
+        offsets.add(int(offset[-1]))
+        torch.testing.assert_close(tau, taus[levels].expand(2, -1))
         y = x
         with torch.no_grad():
-            for k in range(2):
-                t, t_next = taus[start + k * moves], taus[start + (k + 1) * moves]
+            for k in range(teacher_steps):
+                t, t_next = taus[levels + k * moves], taus[levels + (k + 1) * moves]
                 cond = pipe.transformer(y, t.expand(2, -1), text, mask).sample
                 empty = pipe.transformer(y, t.expand(2, -1), uncond, uncond_mask).sample
                 y = y + (empty + g * (cond - empty)) * (t_next - t).view(1, 1, -1, 1, 1)
-        dtau = taus[start + 2 * moves] - taus[start]
+        dtau = taus[levels + teacher_steps * moves] - taus[levels]
         return SimpleNamespace(sample=(y - x) / dtau.view(1, 1, -1, 1, 1))
 
     x1 = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-    args = SimpleNamespace(micro_steps=2, guidance_scale=g, student_micro_steps=1)
+    args = SimpleNamespace(micro_steps=2, guidance_scale=g, student_micro_steps=student_micro_steps)
 
-    def loss(student):
+    def loss(student, seed=0):
         return distill_loss(student, pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                            (x1, captions), args, TrainState(0))
+                            (x1, captions), args, TrainState(seed))
 
-    assert loss(one_step_student) < 1e-10
+    for seed in range(6):
+        assert loss(one_step_student, seed) < 1e-10
+    assert offsets == set(range(student_micro_steps))  # every one of the student's steps is drawn
     torch.testing.assert_close(seen[0][:, :, :2], x1[:, :, :2])  # the reference frames are the clean latents
     untrained = loss(copy.deepcopy(pipe.transformer).train())  # a student that is not the teacher's shortcut
     assert torch.isfinite(untrained) and untrained > 1e-3
