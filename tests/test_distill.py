@@ -19,29 +19,45 @@ def test_segment_starts():
     assert segment_starts(Partition(2, 3, 2, 4)).tolist() == [12, 12, 8, 8, 4, 4, 0, 0]
 
 
-def test_teacher_targets_are_s_guided_euler_steps_per_segment():
+def guided_euler_steps(pipe, x, levels, moves, steps, taus, text, mask, uncond, uncond_mask, g):
+    """The reference computation: `steps` guided Euler steps from `levels`, frames with moves = 0 held, with
+    separate conditional and unconditional calls."""
+    with torch.no_grad():
+        for k in range(steps):
+            tau, tau_next = taus[levels + k * moves], taus[levels + (k + 1) * moves]
+            cond = pipe.transformer(x, tau.expand(x.shape[0], -1), text, mask).sample
+            empty = pipe.transformer(x, tau.expand(x.shape[0], -1), uncond, uncond_mask).sample
+            x = x + (empty + g * (cond - empty)) * (tau_next - tau).view(1, 1, -1, 1, 1)
+    return x
+
+
+@pytest.mark.parametrize("s, student_micro_steps, student_step", [(3, 1, 0), (4, 2, 0), (4, 2, 1)])
+def test_teacher_targets_are_the_students_share_of_the_guided_euler_steps(s, student_micro_steps, student_step):
+    """s' = 1: s guided steps from every chunk's segment start. s' = 2: from the start of the student's step j, its
+    s / 2 of them. Both against the direct computation."""
     pipe = tiny_pipeline()
-    partition = Partition(0, 4, 2, 3)  # N = 4 chunks of 2 frames, s = 3 micro steps per segment
+    partition = Partition(0, 4, 2, s)  # N = 4 chunks of 2 frames, s micro steps per segment
     taus = pipe.scheduler.taus(partition)
-    g = torch.Generator().manual_seed(0)
-    x_start = torch.randn(2, 4, 8, 4, 4, generator=g)
+    x_start = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(s + student_step))
     text, mask = pipe.encode_prompt(["a red circle", "a blue square"])
     uncond, uncond_mask = pipe.encode_prompt(["", ""])
-    x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
-                                                uncond, uncond_mask, 2.5)
-    # Direct computation: chunk n moves from level (N-1-n)s by one level per step, guided, for s steps.
-    start = torch.tensor([3, 3, 2, 2, 1, 1, 0, 0]) * 3
-    x = x_start.clone()
-    with torch.no_grad():
-        for k in range(3):
-            tau, tau_next = taus[start + k], taus[start + k + 1]
-            cond = pipe.transformer(x, tau.expand(2, -1), text, mask).sample
-            empty = pipe.transformer(x, tau.expand(2, -1), uncond, uncond_mask).sample
-            x = x + (empty + 2.5 * (cond - empty)) * (tau_next - tau).view(1, 1, -1, 1, 1)
+    steps = s // student_micro_steps
+    if student_micro_steps == 1:  # the defaults: whole segments
+        x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
+                                                    uncond, uncond_mask, 2.5)
+    else:
+        levels = student_levels(partition, student_step, student_micro_steps)
+        x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
+                                                    uncond, uncond_mask, 2.5, levels, steps)
+    # Chunk n moves from level (N-1-n)s + j s/s' by one level per step, guided, for s/s' steps.
+    start = torch.tensor([3, 3, 2, 2, 1, 1, 0, 0]) * s + steps * student_step
+    x = guided_euler_steps(pipe, x_start, start, torch.ones(8, dtype=torch.long), steps, taus, text, mask, uncond,
+                           uncond_mask, 2.5)
     torch.testing.assert_close(x_end, x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tau_start, taus[start])
-    torch.testing.assert_close(tau_end, taus[start + 3])
-    assert torch.equal(tau_end[:2], torch.ones(2))  # the cleanest chunk ends clean
+    torch.testing.assert_close(tau_end, taus[start + steps])
+    last = student_step == student_micro_steps - 1
+    assert torch.equal(tau_end[:2] == 1, torch.tensor([last, last]))  # the cleanest chunk ends clean, at the end
 
 
 def test_student_levels_start_each_students_step_inside_every_segment():
@@ -49,32 +65,6 @@ def test_student_levels_start_each_students_step_inside_every_segment():
     assert student_levels(partition, 0, 2).tolist() == segment_starts(partition).tolist()
     assert student_levels(partition, 1, 2).tolist() == [12, 12, 10, 10, 6, 6, 2, 2]  # reference frames stay clean
     assert student_levels(partition, 3, 4).tolist() == [12, 12, 11, 11, 7, 7, 3, 3]
-
-
-@pytest.mark.parametrize("student_step", [0, 1])
-def test_teacher_targets_for_a_two_step_student_are_its_share_of_the_guided_steps(student_step):
-    """s = 4, s' = 2: from the start of the student's step j, the teacher's 2 guided steps, computed directly."""
-    pipe = tiny_pipeline()
-    partition = Partition(0, 4, 2, 4)
-    taus = pipe.scheduler.taus(partition)
-    x_start = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(1))
-    text, mask = pipe.encode_prompt(["a red circle", "a blue square"])
-    uncond, uncond_mask = pipe.encode_prompt(["", ""])
-    levels = student_levels(partition, student_step, 2)
-    x_end, tau_start, tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text, mask,
-                                                uncond, uncond_mask, 2.5, levels, 2)
-    start = torch.tensor([3, 3, 2, 2, 1, 1, 0, 0]) * 4 + 2 * student_step
-    x = x_start.clone()
-    with torch.no_grad():
-        for k in range(2):
-            tau, tau_next = taus[start + k], taus[start + k + 1]
-            cond = pipe.transformer(x, tau.expand(2, -1), text, mask).sample
-            empty = pipe.transformer(x, tau.expand(2, -1), uncond, uncond_mask).sample
-            x = x + (empty + 2.5 * (cond - empty)) * (tau_next - tau).view(1, 1, -1, 1, 1)
-    torch.testing.assert_close(x_end, x, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tau_start, taus[start])
-    torch.testing.assert_close(tau_end, taus[start + 2])
-    assert torch.equal(tau_end[:2] == 1, torch.tensor([student_step == 1] * 2))  # clean only after the last step
 
 
 def test_a_student_with_the_teachers_micro_steps_learns_the_guided_velocity():
@@ -133,13 +123,7 @@ def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step
         assert torch.equal(offset, offset[-1] * moves) and 0 <= offset[-1] < 2  # the same step in every chunk
         offsets.add(int(offset[-1]))
         torch.testing.assert_close(tau, taus[levels].expand(2, -1))
-        y = x
-        with torch.no_grad():
-            for k in range(teacher_steps):
-                t, t_next = taus[levels + k * moves], taus[levels + (k + 1) * moves]
-                cond = pipe.transformer(y, t.expand(2, -1), text, mask).sample
-                empty = pipe.transformer(y, t.expand(2, -1), uncond, uncond_mask).sample
-                y = y + (empty + g * (cond - empty)) * (t_next - t).view(1, 1, -1, 1, 1)
+        y = guided_euler_steps(pipe, x, levels, moves, teacher_steps, taus, text, mask, uncond, uncond_mask, g)
         dtau = taus[levels + teacher_steps * moves] - taus[levels]
         return SimpleNamespace(sample=(y - x) / dtau.view(1, 1, -1, 1, 1))
 
