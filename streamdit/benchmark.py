@@ -7,8 +7,9 @@ however long the buffer (linear growth); full attention's cost per frame grows w
 `python -m streamdit.benchmark stream --teacher PATH [--student PATH]` measures what multistep distillation buys, in
 one run on one machine. Rows: the teacher at its stored defaults (its scheduler's s micro steps, its guidance scale),
 the student at its own (s' micro steps, 1 in the paper, no guidance) and, for reference, the undistilled teacher
-without guidance at one micro step and at the student's s'. Columns: transformer evaluations (NFEs) per released chunk, and of the start-up; time to the first frame;
-generation frames per second after start-up; all-attribute prompt adherence (streamdit.evaluate).
+without guidance at one micro step and at the student's s'. Columns: transformer evaluations (NFEs) per released
+chunk, and of the start-up; time to the first frame; generation frames per second after start-up; all-attribute
+prompt adherence (streamdit.evaluate).
 """
 
 import argparse

@@ -140,6 +140,7 @@ def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, ar
         empty_ids, empty_mask = tokenize(tokenizer, [""] * len(captions))
         uncond = text_encoder(empty_ids.to(x1.device), empty_mask.to(x1.device))
         student_steps = args.student_micro_steps
+        # integers(1) draws nothing, so s' = 1 runs see the same data as before s' existed
         levels = student_levels(partition, int(state.rng.integers(student_steps)), student_steps)
         tau_start = scheduler.taus(partition).to(x1.device)[levels.to(x1.device)]
         x_start = scheduler.add_noise(x1, noise, tau_start)  # the forward process at each step's start
