@@ -145,7 +145,8 @@ def stream_rows(teacher, student=None):
     rows, steps = [("teacher", teacher, {})], [1]
     if student is not None:
         rows.append(("student", student, {}))
-        steps += [s for s in [student.scheduler.config.micro_steps] if s != 1]
+        if student.scheduler.config.micro_steps != 1:
+            steps.append(student.scheduler.config.micro_steps)
     return rows + [(f"teacher, undistilled s={s}", teacher, dict(micro_steps=s, guidance_scale=1.0)) for s in steps]
 
 
