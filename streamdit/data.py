@@ -64,11 +64,19 @@ class Scene:
         return (self.x + dx * step) * scale % side, (self.y + dy * step) * scale % side
 
 
-def sample_scene(rng: np.random.Generator, **fixed) -> Scene:
-    """A uniformly random scene; keyword arguments fix attributes (e.g. colour="red")."""
+def sample_scene(rng: np.random.Generator, shape_weights=None, **fixed) -> Scene:
+    """A uniformly random scene; keyword arguments fix attributes (e.g. colour="red").
+
+    `shape_weights` (one per SHAPES entry) draws shapes unevenly, for training that dwells on a weak shape; None is
+    uniform and draws exactly what the evaluation's prompts were drawn with.
+    """
+    if shape_weights is not None:
+        if len(shape_weights) != len(SHAPES) or min(shape_weights) < 0 or sum(shape_weights) <= 0:
+            raise ValueError(f"shape_weights {shape_weights!r}: give {len(SHAPES)} weights >= 0 for {SHAPES}, not all 0")
+        shape_weights = np.asarray(shape_weights, np.float64) / sum(shape_weights)
     attributes = dict(
         colour=rng.choice(list(COLOURS)),
-        shape=rng.choice(SHAPES),
+        shape=rng.choice(SHAPES, p=shape_weights),
         size=rng.choice(list(SIZES)),
         direction=rng.choice(list(DIRECTIONS)),
         speed=rng.choice(list(SPEEDS)),
@@ -150,8 +158,9 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def sample_batch(rng: np.random.Generator, batch_size: int, num_frames: int, side: int = SIDE, omit: float = 0.5):
+def sample_batch(rng: np.random.Generator, batch_size: int, num_frames: int, side: int = SIDE, omit: float = 0.5,
+                 shape_weights=None):
     """A training batch: videos (b, 3, T, side, side) in [-1, 1], captions, scenes."""
-    scenes = [sample_scene(rng) for _ in range(batch_size)]
+    scenes = [sample_scene(rng, shape_weights) for _ in range(batch_size)]
     videos = torch.stack([to_video(render(s, num_frames, side)) for s in scenes])
     return videos, [caption(s, rng, omit) for s in scenes], scenes

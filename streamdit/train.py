@@ -190,14 +190,15 @@ class LatentPool:
     checkpointed; a resumed run refills it.
     """
 
-    def __init__(self, vae, size, clip_frames, side):
+    def __init__(self, vae, size, clip_frames, side, shape_weights=None):
         self.vae, self.size, self.clip_frames, self.side = vae, size, clip_frames, side
+        self.shape_weights = shape_weights  # None: shapes drawn uniformly, as the spec's world has them
         self.latents, self.scenes = None, []  # (size, C, F_clip, h, w) on the vae's device; one Scene per clip
         self.owed = 0.0  # fractional refresh rates add up here until a whole clip is due
 
     @torch.no_grad()
     def encode(self, rng, count):
-        videos, _, scenes = sample_batch(rng, count, self.clip_frames, self.side)
+        videos, _, scenes = sample_batch(rng, count, self.clip_frames, self.side, shape_weights=self.shape_weights)
         return self.vae.encode(videos.to(self.vae.device)), scenes
 
     def refresh(self, rng, count):
@@ -459,7 +460,8 @@ def train_dit(args):
     def loss(trainable, batch, state):
         return dit_loss((trainable[0], trainable[1], tokenizer, scheduler), batch, args, state)
 
-    pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side)
+    pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side,
+                      args.shape_weights)
 
     def make_batch(state):
         pool.refresh(state.rng, args.pool_refresh)
@@ -548,6 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the flow-matching loss up by this much on latents near the object (0: plain Eq. 5)")
+    p.add_argument("--shape-weights", type=float, nargs=3, default=None, metavar=("CIRCLE", "SQUARE", "TRIANGLE"),
+                   help="draw the DiT's training shapes unevenly (default uniform), e.g. 1 2 1 to dwell on squares")
     p.add_argument("--gradient-checkpointing", action="store_true")
     return p.parse_args(argv)
 

@@ -1,5 +1,8 @@
 """The shapes-world generator follows shared/shapes-world.md: palette, sizes, speeds, wrap-around, captions."""
 
+import re
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,18 @@ def test_captions_follow_the_grammar():
             assert stated["background"] == s.background
     assert min(seen_size, seen_no_size, seen_bg, seen_no_bg) > 100  # optional parts are omitted at random
     assert caption(scene(speed="slowly"), rng, omit=0) == "a large red square moving right slowly on a black background"
+
+
+def test_shape_weights_draw_shapes_unevenly_and_uniform_is_the_default():
+    rng = np.random.default_rng(0)
+    counts = Counter(sample_scene(rng, (1, 2, 1)).shape for _ in range(3000))
+    assert abs(counts["square"] / 3000 - 0.5) < 0.04 and abs(counts["circle"] / 3000 - 0.25) < 0.04
+    assert {sample_scene(rng, (0, 0, 5)).shape for _ in range(50)} == {"triangle"}
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            sample_scene(rng, bad)
+    videos, _, scenes = sample_batch(np.random.default_rng(2), 4, 2, side=16, shape_weights=(0, 1, 0))
+    assert {s.shape for s in scenes} == {"square"}
 
 
 def test_parse_caption_ignores_case_and_punctuation_and_rejects_incomplete():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from streamdit.data import SIDE, Scene, caption, render, sample_scene
-from streamdit.evaluate import adherence, read_video, stream_frames, summarise
+from streamdit.evaluate import adherence, random_prompts, read_video, stream_frames, summarise
 
 PROMPT = "a red circle moving left"
 
@@ -21,6 +21,14 @@ def test_detector_scores_generator_videos_at_100_percent():
     result = summarise(rows)
     assert result["all_attributes"] == 1.0
     assert result["identity"] == 1.0 and result["smoothness"] == 1.0 and result["flicker"] == 0.0
+
+
+def test_the_results_prompts_stay_the_same_draw():
+    # the README's numbers were measured on random_prompts(100, 1000): a change to the scene sampler that moved them
+    # would quietly make every later measurement incomparable with the earlier ones
+    assert random_prompts(3, 1000) == ["a green square moving up quickly",
+                                       "a green triangle moving up slowly on a gray background",
+                                       "a small red triangle moving right on a black background"]
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,13 @@ def test_latent_pool_keeps_each_clip_with_its_scene():
         assert stated == {name: getattr(owners[0], name) for name in stated}
 
 
+def test_latent_pool_draws_its_clips_with_the_shape_weights():
+    pool, rng = LatentPool(_PixelVae(), size=6, clip_frames=2, side=16, shape_weights=(0, 1, 0)), np.random.default_rng(0)
+    pool.refresh(rng, 1)
+    pool.refresh(rng, 3)
+    assert {s.shape for s in pool.scenes} == {"square"}
+
+
 def test_autoencoder_trains_on_from_a_saved_one(run, tmp_path):
     from streamdit import StreamDiTAutoencoder
 
