@@ -112,7 +112,7 @@ def test_captions_follow_the_grammar():
     assert caption(scene(speed="slowly"), rng, omit=0) == "a large red square moving right slowly on a black background"
 
 
-def test_shape_weights_draw_shapes_unevenly_and_uniform_is_the_default():
+def test_shape_weights_draw_shapes_unevenly_and_bad_weights_are_named():
     rng = np.random.default_rng(0)
     counts = Counter(sample_scene(rng, (1, 2, 1)).shape for _ in range(3000))
     assert abs(counts["square"] / 3000 - 0.5) < 0.04 and abs(counts["circle"] / 3000 - 0.25) < 0.04
