@@ -235,6 +235,13 @@ class StreamDiTScheduler(SchedulerMixin, ConfigMixin):
         c = ((1.0 - a * new_tau) ** 2 - (ratio * (1.0 - a * tau)) ** 2).clamp(min=0.0).sqrt()
         return ratio * sample.float() + c * noise.float()
 
+    def clean_estimate(self, sample, model_output, tau):
+        """X1 as the velocity `model_output` at X_tau = `sample` points to it, inverting Eq. 5 (tau (b, F) or (F,)):
+        X1 = a X_tau + (1 - a tau) V, a = 1 - sigma_min."""
+        a = 1.0 - self.config.sigma_min
+        t = tau.float().view(-1, 1, tau.shape[-1], 1, 1)
+        return a * sample.float() + (1.0 - a * t) * model_output.float()
+
     def velocity(self, x1, noise):
         """The target velocity V = X1 - (1 - sigma_min) X0."""
         return x1 - (1.0 - self.config.sigma_min) * noise

@@ -10,7 +10,8 @@ Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its 
 redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer).
 Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
 size c from {1, 2, 4, ..., B} and each chunk its own tau from Eq. 8, so one model serves uniform, diagonal and StreamDiT
-partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance.
+partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance. With
+--decoded-weight it also pays for what the frozen decoder draws from its clean estimate (decoded_loss).
 
 Every run resumes from the newest checkpoint in --output-dir (model, optimiser, EMA, data RNG, step), so an
 interrupted run continues where it stopped. Loss goes to <stage>-loss.csv and <stage>-loss.png; the finished pipeline
@@ -158,9 +159,10 @@ def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
 
 
 def dit_loss(models, batch, args, state):
-    """Eq. 5 with a mixed partition: X_tau per frame, target V = X1 - (1 - sigma_min) X0."""
-    transformer, text_encoder, tokenizer, scheduler = models
-    x1, captions = batch  # (b, C, F, H, W) latents of unit variance
+    """Eq. 5 with a mixed partition: X_tau per frame, target V = X1 - (1 - sigma_min) X0; with --decoded-weight, plus
+    that times the decoded loss (decoded_loss), for which `models` ends with the autoencoder."""
+    transformer, text_encoder, tokenizer, scheduler = models[:4]
+    x1, captions = batch[:2]  # (b, C, F, H, W) latents of unit variance; then scenes and window starts
     captions = ["" if state.rng.random() < args.caption_dropout else c for c in captions]
     partitions = scheduler.training_partitions()
     partition = partitions[state.rng.integers(len(partitions))]
@@ -169,8 +171,42 @@ def dit_loss(models, batch, args, state):
     noise = torch.randn(x1.shape, generator=generator).to(x1.device)
     ids, mask = tokenize(tokenizer, captions)
     text = text_encoder(ids.to(x1.device), mask.to(x1.device))
-    velocity = transformer(scheduler.add_noise(x1, noise, tau), tau, text, mask.to(x1.device)).sample
-    return flow_matching_loss(velocity.float(), scheduler.velocity(x1, noise), x1, args.object_weight)
+    x = scheduler.add_noise(x1, noise, tau)  # (b, C, F, H, W)
+    velocity = transformer(x, tau, text, mask.to(x1.device)).sample
+    loss = flow_matching_loss(velocity.float(), scheduler.velocity(x1, noise), x1, args.object_weight)
+    if not args.decoded_weight:
+        return loss
+    clean = scheduler.clean_estimate(x, velocity, tau)  # (b, C, F, H, W): where this velocity points
+    return loss + args.decoded_weight * decoded_loss(models[4], clean, tau, *batch[2:], args)
+
+
+def decoded_loss(vae, clean, tau, scenes, starts, args, window=2):
+    """The DiT's clean estimate, decoded by the frozen decoder, against the true frames (reconstruction_loss: L1 +
+    MSE, object pixels weighted up, plus --edge-weight times the edge loss), in the manner of latent perceptual losses.
+    Eq. 5's latent error weighs every latent alike; this one weighs what the decoder makes of them, which is where a
+    square's soft corners cost something. Only nearly clean estimates count: for each sample the `window` adjacent
+    frames with the highest lower tau, if that is at least --decoded-min-tau (a noisy frame's estimate is a blurred
+    average by necessity), for at most --decoded-samples samples. The decoder sees a --decoded-crop latents square
+    crop around the object (it is convolutional, and trained on crops), and the true frames are rendered for it.
+
+    clean, tau: (b, C, F, h, w), (b, F); scenes: b Scenes; starts: (b,) the latent frame each sample's buffer starts
+    at in its clip (whose video starts at the scene's frame 0)."""
+    t_c, s, crop = vae.temporal_compression, vae.spatial_compression, args.decoded_crop
+    level, k = tau.unfold(1, window, 1).amin(-1).max(1)  # (b,) each: the best window's lower tau and its first frame
+    rows = (level >= args.decoded_min_tau).nonzero().flatten()[: args.decoded_samples].tolist()
+    if not rows:
+        return clean.sum() * 0.0  # keeps the graph, so every process of a DDP run backpropagates alike
+    latents, videos = [], []
+    for i in rows:
+        first = t_c * (int(starts[i]) + int(k[i]))  # the window's first video frame
+        cx, cy = scenes[i].centre(first + window * t_c // 2, args.side)  # the object mid-window
+        top, left = int(cy // s) - crop // 2, int(cx // s) - crop // 2  # the world is a torus: crops wrap
+        z = clean[i, :, int(k[i]) : int(k[i]) + window]  # (C, window, h, w)
+        latents.append(torch.roll(z, (-top, -left), dims=(-2, -1))[..., :crop, :crop])
+        video = to_video(render(scenes[i], window * t_c, args.side, first))  # (3, window t_c, H, W)
+        videos.append(torch.roll(video, (-top * s, -left * s), dims=(-2, -1))[..., : crop * s, : crop * s])
+    recon = vae.decode(torch.stack(latents))  # (n, 3, window t_c, crop s, crop s)
+    return reconstruction_loss(recon, torch.stack(videos).to(recon.device), args.edge_weight)
 
 
 def flow_matching_loss(velocity, target, x1, object_weight=0.0):
@@ -454,18 +490,23 @@ def train_dit(args):
     scheduler = StreamDiTScheduler(buffer_frames=args.buffer_frames, chunk_size=args.chunk_size,
                                    micro_steps=args.micro_steps, shift=args.shift)
     transformer, tokenizer, text_encoder = new_dit(args, vae)
+    latent_side = args.side // vae.spatial_compression
+    if args.decoded_weight and not 0 < args.decoded_crop <= latent_side:
+        raise ValueError(f"--decoded-crop {args.decoded_crop} must lie in [1, {latent_side}], the latents' side")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
     def loss(trainable, batch, state):
-        return dit_loss((trainable[0], trainable[1], tokenizer, scheduler), batch, args, state)
+        return dit_loss((trainable[0], trainable[1], tokenizer, scheduler, vae), batch, args, state)
 
     pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side,
                       args.shape_weights)
 
     def make_batch(state):
         pool.refresh(state.rng, args.pool_refresh)
-        return pool.sample(state.rng, args.batch_size, args.buffer_frames)
+        clips, starts = pool.windows(state.rng, args.batch_size, args.buffer_frames)
+        x1, captions = pool.take(state.rng, clips, starts, args.buffer_frames)
+        return x1, captions, [pool.scenes[c] for c in clips], starts
 
     transformer, text_encoder = run_stage("dit", args, accelerator, [transformer, text_encoder], loss, make_batch,
                                           args.steps, args.lr)
@@ -552,13 +593,18 @@ def parse_args(argv=None):
                    help="weight the flow-matching loss up by this much on latents near the object (0: plain Eq. 5)")
     p.add_argument("--shape-weights", type=float, nargs=3, default=None, metavar=("CIRCLE", "SQUARE", "TRIANGLE"),
                    help="draw the DiT's training shapes unevenly (default uniform), e.g. 1 2 1 to dwell on squares")
+    p.add_argument("--decoded-weight", type=float, default=0.0,
+                   help="add this times a pixel loss on the decoded clean estimate of nearly clean frames (0: none)")
+    p.add_argument("--decoded-min-tau", type=float, default=0.5, help="the lowest tau the decoded loss counts")
+    p.add_argument("--decoded-samples", type=int, default=8, help="samples a batch that the decoded loss decodes")
+    p.add_argument("--decoded-crop", type=int, default=8, help="side, in latents, of the crop it decodes")
     p.add_argument("--gradient-checkpointing", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    for name in ("object_weight", "edge_weight"):
+    for name in ("object_weight", "edge_weight", "decoded_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0.0 < args.redraw_noise <= 1.0:

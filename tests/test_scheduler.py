@@ -152,6 +152,19 @@ def test_noised_sample_and_velocity_follow_eq5(sigma_min):
     torch.testing.assert_close(finite_difference, scheduler.velocity(x1, x0).expand_as(x), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+def test_clean_estimate_of_the_true_velocity_is_the_data(sigma_min):
+    scheduler = StreamDiTScheduler(sigma_min=sigma_min)
+    g = torch.Generator().manual_seed(1)
+    x1, x0 = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
+    tau = torch.tensor([[1.0, 0.7, 0.3, 0.0], [0.9, 0.9, 0.5, 0.5]])
+    x, v = scheduler.add_noise(x1, x0, tau), scheduler.velocity(x1, x0)
+    torch.testing.assert_close(scheduler.clean_estimate(x, v, tau), x1)
+    shared = scheduler.add_noise(x1, x0, tau[1])  # one (F,) row of levels for the whole batch
+    torch.testing.assert_close(scheduler.clean_estimate(shared, v, tau[1]), x1)
+    assert not torch.allclose(scheduler.clean_estimate(x, v + 0.1, tau), x1)
+
+
 @pytest.mark.parametrize("sigma_min", [0.0, 0.01])
 def test_renoise_takes_frames_back_along_the_forward_process(sigma_min):
     # Many X_tau of one X1, taken back to new_tau, must be distributed as Eq. 5 at new_tau: mean new_tau X1 and

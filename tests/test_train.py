@@ -10,8 +10,8 @@ import torch
 
 from streamdit import StreamDiTPipeline
 from streamdit.data import parse_caption, render, to_video
-from streamdit.train import (LatentPool, edge_loss, flow_matching_loss, latent_object_weights, main, redraw,
-                             redrawn_batch)
+from streamdit.train import (LatentPool, decoded_loss, edge_loss, flow_matching_loss, latent_object_weights, main,
+                             redraw, redrawn_batch)
 
 TINY = ["--side", "32", "--preset", "tiny", "--vae-channels", "8", "8", "8", "8", "--latent-channels", "4",
         "--vae-frames", "4", "--vae-crop", "16", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--buffer-frames", "4",
@@ -277,6 +277,53 @@ def test_dit_stage_trains_with_the_object_weighted_loss(run, tmp_path):
     assert len(losses(out / "dit-loss.csv")) == 2 and all(np.isfinite(losses(out / "dit-loss.csv")))
     with pytest.raises(ValueError, match="-1"):
         main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", *TINY, "--object-weight", "-1"])
+
+
+class _IdentityVae:
+    """A decoder stand-in that draws its latents as they are, so true frames as latents decode to a loss of 0."""
+
+    temporal_compression = spatial_compression = 1
+
+    def decode(self, latents):
+        return latents
+
+
+def test_decoded_loss_decodes_the_cleanest_window_around_the_object():
+    from types import SimpleNamespace
+
+    from streamdit.data import sample_scene
+
+    args = SimpleNamespace(decoded_crop=8, decoded_min_tau=0.5, decoded_samples=2, edge_weight=1.0, side=32)
+    scenes = [sample_scene(np.random.default_rng(i), size="large") for i in range(3)]
+    starts = np.array([2, 0, 5])  # each buffer's first frame in its clip
+    clean = torch.stack([to_video(render(sc, 6, 32, int(start))) for sc, start in zip(scenes, starts)])  # (3, 3, 6, 32, 32)
+    clean.requires_grad_(True)
+    tau = torch.tensor([[0.1, 0.2, 0.9, 0.95, 0.3, 0.0]]).expand(3, 6)  # the cleanest window: frames 2-3
+    assert decoded_loss(_IdentityVae(), clean, tau, scenes, starts, args).item() == 0.0  # true frames: nothing to pay
+
+    def loss_with(change):
+        edited = clean.detach().clone()
+        change(edited)
+        return decoded_loss(_IdentityVae(), edited, tau, scenes, starts, args).item()
+
+    cx, cy = (int(v) for v in scenes[0].centre(2 + 1, 32))  # the first sample's object mid-window
+    assert loss_with(lambda z: z[0, :, 3, cy, cx].add_(0.5)) > 0.0  # on the object, in the window
+    assert loss_with(lambda z: z[0, :, 1, cy, cx].add_(0.5)) == 0.0  # a frame outside the window
+    assert loss_with(lambda z: z[0, :, 3, (cy + 16) % 32, (cx + 16) % 32].add_(0.5)) == 0.0  # outside the crop
+    assert loss_with(lambda z: z[2, :, 3, cy, cx].add_(0.5)) == 0.0  # past --decoded-samples
+    off = decoded_loss(_IdentityVae(), clean, torch.full((3, 6), 0.4), scenes, starts, args)  # all below min tau
+    off.backward()
+    assert off.item() == 0.0 and torch.equal(clean.grad, torch.zeros_like(clean))
+
+
+def test_dit_stage_trains_with_the_decoded_loss(run, tmp_path):
+    out = tmp_path / "decoded"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", "--checkpoint-every", "2", *TINY,
+          "--decoded-weight", "1", "--decoded-crop", "2", "--decoded-min-tau", "0"])
+    assert len(losses(out / "dit-loss.csv")) == 2 and all(np.isfinite(losses(out / "dit-loss.csv")))
+    with pytest.raises(ValueError, match="--decoded-crop 8"):  # the tiny run's latents are 4 x 4
+        main(["--stage", "dit", "--output-dir", str(out), "--steps", "3", *TINY, "--decoded-weight", "1"])
 
 
 def test_edge_loss_is_the_l1_of_pixel_differences_and_prices_a_soft_edge():
