@@ -138,12 +138,17 @@ def test_training_partitions_are_the_mixed_set():
     assert [p.chunk_size for p in StreamDiTScheduler(buffer_frames=12).training_partitions()] == [1, 2, 4, 12]
 
 
+def _eq5_inputs(seed):
+    """Data X1 and noise X0 (2, 3, 4, 2, 2), and per-frame levels (2, 4) from pure noise to data."""
+    g = torch.Generator().manual_seed(seed)
+    x1, x0 = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
+    return x1, x0, torch.tensor([[1.0, 0.7, 0.3, 0.0], [0.9, 0.9, 0.5, 0.5]])
+
+
 @pytest.mark.parametrize("sigma_min", [0.0, 0.01])
 def test_noised_sample_and_velocity_follow_eq5(sigma_min):
     scheduler = StreamDiTScheduler(sigma_min=sigma_min)
-    g = torch.Generator().manual_seed(0)
-    x1, x0 = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
-    tau = torch.tensor([[1.0, 0.7, 0.3, 0.0], [0.9, 0.9, 0.5, 0.5]])
+    x1, x0, tau = _eq5_inputs(0)
     x = scheduler.add_noise(x1, x0, tau)
     torch.testing.assert_close(x[0, :, 3], x0[0, :, 3])  # tau = 0 is pure noise
     torch.testing.assert_close(x[0, :, 0], x1[0, :, 0] + sigma_min * x0[0, :, 0])  # tau = 1 is data (+ sigma_min X0)
@@ -155,9 +160,7 @@ def test_noised_sample_and_velocity_follow_eq5(sigma_min):
 @pytest.mark.parametrize("sigma_min", [0.0, 0.1])
 def test_clean_estimate_of_the_true_velocity_is_the_data(sigma_min):
     scheduler = StreamDiTScheduler(sigma_min=sigma_min)
-    g = torch.Generator().manual_seed(1)
-    x1, x0 = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
-    tau = torch.tensor([[1.0, 0.7, 0.3, 0.0], [0.9, 0.9, 0.5, 0.5]])
+    x1, x0, tau = _eq5_inputs(1)
     x, v = scheduler.add_noise(x1, x0, tau), scheduler.velocity(x1, x0)
     torch.testing.assert_close(scheduler.clean_estimate(x, v, tau), x1)
     shared = scheduler.add_noise(x1, x0, tau[1])  # one (F,) row of levels for the whole batch
