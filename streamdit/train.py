@@ -153,9 +153,15 @@ def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
     k = rng.integers(redrawn.shape[2] - latent_frames + 1, size=len(clips))  # a window of each
     latents = torch.stack([z[:, j : j + latent_frames] for z, j in zip(redrawn, k)])  # (b, C, latent_frames, h, w)
     t_c = pool.vae.temporal_compression
-    video = torch.stack([to_video(render(pool.scenes[c], latent_frames * t_c, args.side, t_c * (s + j)))
+    video = torch.stack([true_frames(pool.scenes[c], s + j, latent_frames, t_c, args.side)
                          for c, s, j in zip(clips, starts, k)])  # (b, 3, T, H, W)
     return latents, video.to(latents.device)
+
+
+def true_frames(scene, latent_start, latent_frames, t_c, side):
+    """The video (3, latent_frames t_c, side, side) that latent frames latent_start .. of the scene's clip stand for:
+    the autoencoder is causal, so latent frame j holds video frames t_c j .. t_c j + t_c - 1."""
+    return to_video(render(scene, latent_frames * t_c, side, t_c * latent_start))
 
 
 def dit_loss(models, batch, args, state):
@@ -198,12 +204,12 @@ def decoded_loss(vae, clean, tau, scenes, starts, args, window=2):
         return clean.sum() * 0.0  # keeps the graph, so every process of a DDP run backpropagates alike
     latents, videos = [], []
     for i in rows:
-        first = t_c * (int(starts[i]) + int(k[i]))  # the window's first video frame
-        cx, cy = scenes[i].centre(first + window * t_c // 2, args.side)  # the object mid-window
+        first = int(starts[i]) + int(k[i])  # the window's first latent frame in its clip
+        cx, cy = scenes[i].centre(t_c * first + window * t_c // 2, args.side)  # the object mid-window
         top, left = int(cy // s) - crop // 2, int(cx // s) - crop // 2  # the world is a torus: crops wrap
         z = clean[i, :, int(k[i]) : int(k[i]) + window]  # (C, window, h, w)
         latents.append(torch.roll(z, (-top, -left), dims=(-2, -1))[..., :crop, :crop])
-        video = to_video(render(scenes[i], window * t_c, args.side, first))  # (3, window t_c, H, W)
+        video = true_frames(scenes[i], first, window, t_c, args.side)  # (3, window t_c, H, W)
         videos.append(torch.roll(video, (-top * s, -left * s), dims=(-2, -1))[..., : crop * s, : crop * s])
     recon = vae.decode(torch.stack(latents))  # (n, 3, window t_c, crop s, crop s)
     return reconstruction_loss(recon, torch.stack(videos).to(recon.device), args.edge_weight)
