@@ -471,10 +471,17 @@ def new_dit(args, vae):
     (its architecture too), e.g. to go on from a shipped model whose resume checkpoints are gone. A run that finds a
     checkpoint in --output-dir resumes from that instead."""
     window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
+    if args.refiner_channels is not None:
+        window["refiner_channels"] = args.refiner_channels
     tokenizer = build_tokenizer(VOCABULARY, max_length=32)
     if args.dit_init is not None:
         init = Path(args.dit_init)
-        transformer = StreamDiTTransformer3DModel.from_pretrained(init / "transformer", **window)
+        saved = StreamDiTTransformer3DModel.load_config(init / "transformer").get("refiner_channels", 0)
+        added = args.refiner_channels is not None and args.refiner_channels != saved
+        transformer = StreamDiTTransformer3DModel.from_pretrained(init / "transformer", low_cpu_mem_usage=not added,
+                                                                  **window)
+        if added and args.refiner_channels:
+            transformer.refiner.reset_parameters()  # not in the saved weights: the loader left it uninitialised
         text_encoder = StreamDiTTextEncoder.from_pretrained(init / "text_encoder")
         if transformer.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"--dit-init {init} takes {transformer.config.in_channels} latent channels; the "
@@ -501,6 +508,11 @@ def train_dit(args):
         raise ValueError(f"--decoded-crop {args.decoded_crop} must lie in [1, {latent_side}], the latents' side")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.train_refiner_only:
+        if not transformer.config.refiner_channels:
+            raise ValueError("--train-refiner-only needs a refiner: give --refiner-channels or a --dit-init with one")
+        transformer.requires_grad_(False).refiner.requires_grad_(True)
+        text_encoder.requires_grad_(False)
 
     def loss(trainable, batch, state):
         return dit_loss((trainable[0], trainable[1], tokenizer, scheduler, vae), batch, args, state)
@@ -582,6 +594,11 @@ def parse_args(argv=None):
                         "can resume with another window")
     p.add_argument("--dit-init", default=None,
                    help="a pipeline folder whose transformer and text encoder a new run starts from (not a resume)")
+    p.add_argument("--refiner-channels", type=int, default=None,
+                   help="add a LatentRefiner of this width after the DiT's final layer (default: --dit-init's, else "
+                        "none); a new refiner starts as the identity")
+    p.add_argument("--train-refiner-only", action="store_true",
+                   help="train only the refiner, the DiT and text encoder frozen (their weights stay exactly as they are)")
     p.add_argument("--prediction-type", choices=["velocity", "sample"], default="velocity",
                    help="what the DiT's last layer predicts (its forward returns a velocity either way)")
     p.add_argument("--buffer-frames", type=int, default=8)

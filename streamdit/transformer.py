@@ -189,6 +189,42 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, F, S, p * p * C)
 
 
+class LatentRefiner(nn.Module):
+    """A small convolutional head at the latents' own resolution, after the final layer.
+
+    The final layer draws each p x p patch of the output from one token, and with 4x4 patches a square's corner is a
+    few latents inside one token. The refiner sees the noisy latents and the DiT's output side by side, per frame,
+    through 3x3 convolutions (wrapping around: the shapes world is a torus) modulated by the frame's conditioning,
+    and adds a correction. Its last convolution starts at zero, so a refiner added to a trained DiT starts as the
+    identity and `train --train-refiner-only` can teach it with the DiT frozen.
+    """
+
+    def __init__(self, channels, width, cond_size):
+        super().__init__()
+        conv = dict(kernel_size=3, padding=1, padding_mode="circular")
+        self.conv_in = nn.Conv2d(2 * channels, width, **conv)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * width))
+        self.conv_mid = nn.Conv2d(width, width, **conv)
+        self.conv_out = nn.Conv2d(width, channels, **conv)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # also called on a refiner added to a saved model, whose loader leaves weights it did not find uninitialised
+        for layer in (self.conv_in, self.conv_mid, self.modulation[1]):
+            layer.reset_parameters()
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, out, c):
+        # x, out (B, C, F, H, W): noisy latents and the DiT's output; c (B, F, D)
+        b, _, f, height, width = x.shape
+        h = self.conv_in(rearrange(torch.cat([x, out], 1), "b c f h w -> (b f) c h w"))  # (B F, R, H, W)
+        shift, scale = self.modulation(c).flatten(0, 1)[:, :, None, None].chunk(2, dim=1)  # (B F, R, 1, 1) each
+        h = self.conv_mid(F.silu(h * (1 + scale) + shift))
+        delta = self.conv_out(F.silu(h))  # (B F, C, H, W)
+        return out + rearrange(delta, "(b f) c h w -> b c f h w", b=b)
+
+
 class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
     """Predicts the flow velocity u = dX/dtau of every frame in the buffer, each frame at its own tau.
 
@@ -207,6 +243,7 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
             Predicting the clean sample keeps the noise out of the network's output, which is said to help models
             whose patches are wide for their width (Li & He, "Back to Basics: Let Denoising Generative Models
             Denoise", 2025); 1 - tau is clipped at `min_sample_sigma` so the division stays bounded near data.
+        refiner_channels: width of a LatentRefiner after the final layer (0: none).
     """
 
     _supports_gradient_checkpointing = True
@@ -229,6 +266,7 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         pooled_text: bool = False,
         prediction_type: str = "velocity",
         min_sample_sigma: float = 0.05,
+        refiner_channels: int = 0,
     ):
         super().__init__()
         if prediction_type not in ("velocity", "sample"):
@@ -248,6 +286,11 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
             for i in range(num_layers)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if refiner_channels:
+            if self.out_channels != in_channels:
+                raise ValueError(f"refiner_channels={refiner_channels} needs out_channels={out_channels} to equal "
+                                 f"in_channels={in_channels}")
+            self.refiner = LatentRefiner(in_channels, refiner_channels, hidden_size)
         self.gradient_checkpointing = False
         self.initialize_weights()
 
@@ -273,6 +316,8 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.refiner_channels:
+            self.refiner.reset_parameters()  # after the xavier pass above, which would give it a non-zero output
 
     def token_grid(self, frames, height, width):
         """(F, h, w) token grid for a latent buffer; raises ValueError where the windows cannot tile it."""
@@ -333,6 +378,8 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         x = self.final_layer(x, c)  # (B, F, S, p * p * C)
         p = self.config.patch_size
         out = rearrange(x, "b f (h w) (p q c) -> b c f (h p) (w q)", h=grid[1], p=p, q=p)  # (B, C, F, H, W)
+        if self.config.refiner_channels:
+            out = self.refiner(hidden_states.to(out.dtype), out, c)
         if self.config.prediction_type == "sample":  # out is X1: u = (X1 - X_tau) / (1 - tau)
             sigma = (1.0 - timestep.float()).clamp(min=self.config.min_sample_sigma).view(b, 1, f, 1, 1)
             out = ((out.float() - hidden_states.float()) / sigma).to(out.dtype)

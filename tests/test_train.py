@@ -410,3 +410,22 @@ def test_decoder_trains_on_a_dits_redrawn_latents(run, tmp_path):
     new_vae(parse_args(TINY)).save_pretrained(other / "vae")  # another encoder: the DiT's latents are not its
     with pytest.raises(ValueError, match="its autoencoder's encoder is not the one in"):
         main(["--stage", "decoder", "--output-dir", str(other), "--redraw-with", str(run / "pipeline"), *TINY])
+
+
+def test_dit_stage_trains_a_refiner_alone_on_a_saved_pipeline(run, tmp_path):
+    """--refiner-channels adds a refiner to --dit-init's DiT; --train-refiner-only trains it and nothing else."""
+    out = tmp_path / "refiner"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "3", *TINY, "--dit-init", str(run / "pipeline"),
+          "--refiner-channels", "8", "--train-refiner-only"])
+    saved, refined = (StreamDiTPipeline.from_pretrained(p) for p in (run / "pipeline", out / "pipeline"))
+    assert refined.transformer.config.refiner_channels == 8
+    assert refined.transformer.refiner.conv_out.weight.any()  # it learned something
+    for part in ("transformer", "text_encoder"):
+        trained = getattr(refined, part).state_dict()
+        for name, p in getattr(saved, part).state_dict().items():
+            assert torch.equal(p, trained[name]), (part, name)
+    shutil.copytree(run / "vae", tmp_path / "none" / "vae")
+    with pytest.raises(ValueError, match="--train-refiner-only needs a refiner"):
+        main(["--stage", "dit", "--output-dir", str(tmp_path / "none"), "--steps", "1", *TINY,
+              "--dit-init", str(run / "pipeline"), "--train-refiner-only"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamdit.transformer import WindowSelfAttention, apply_rope, from_preset, rope_frequencies
+from streamdit.transformer import LatentRefiner, WindowSelfAttention, apply_rope, from_preset, rope_frequencies
 from conftest import randomize_zeros
 
 
@@ -221,3 +221,35 @@ def test_sample_prediction_returns_the_velocity_of_its_clean_estimate():
     torch.testing.assert_close(sample(x, tau, text).sample, (x1 - x) / sigma)
     with pytest.raises(ValueError, match="prediction_type='noise'"):
         from_preset("tiny", prediction_type="noise")
+
+
+def test_a_new_refiner_leaves_the_model_as_it_was():
+    """refiner_channels adds a LatentRefiner whose last convolution starts at zero: the same DiT weights give the
+    same velocity, so a refiner can be added to a trained model and trained from there."""
+    plain = tiny()
+    refined = from_preset("tiny", refiner_channels=8).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.startswith("refiner.") for name in missing)
+    x, tau, text = inputs()
+    torch.testing.assert_close(refined(x, tau, text).sample, plain(x, tau, text).sample)
+    randomize_zeros(refined.refiner)  # a trained refiner changes it
+    assert not torch.allclose(refined(x, tau, text).sample, plain(x, tau, text).sample)
+
+
+def test_refiner_is_per_frame_local_and_wraps_around():
+    """Three 3x3 circular convolutions per frame: a change at column 0 of one frame reaches columns 13..3 of a
+    16-wide frame (across the edge: the world is a torus) and nothing else."""
+    refiner = randomize_zeros(LatentRefiner(channels=4, width=8, cond_size=6)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, out, c = torch.randn(1, 4, 3, 16, 16, generator=g), torch.randn(1, 4, 3, 16, 16, generator=g), torch.randn(1, 3, 6)
+    moved = x.clone()
+    moved[0, :, 1, 8, 0] += 1.0
+    change = (refiner(moved, out, c) - refiner(x, out, c)).abs().sum(dim=(0, 1, 3))  # (F, W)
+    assert change[[0, 2]].eq(0).all()  # other frames: untouched
+    reached = change[1].nonzero().flatten().tolist()
+    assert sorted(reached) == [0, 1, 2, 3, 13, 14, 15]
+
+
+def test_refiner_needs_matching_channels():
+    with pytest.raises(ValueError, match="refiner_channels=8"):
+        from_preset("tiny", refiner_channels=8, out_channels=8)
