@@ -470,16 +470,16 @@ def new_dit(args, vae):
     """The transformer and text side a DiT run starts from: the preset, or with --dit-init a saved pipeline's weights
     (its architecture too), e.g. to go on from a shipped model whose resume checkpoints are gone. A run that finds a
     checkpoint in --output-dir resumes from that instead."""
-    window = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
+    overrides = {} if args.window_size is None else {"window_size": tuple(args.window_size)}
     if args.refiner_channels is not None:
-        window["refiner_channels"] = args.refiner_channels
+        overrides["refiner_channels"] = args.refiner_channels
     tokenizer = build_tokenizer(VOCABULARY, max_length=32)
     if args.dit_init is not None:
         init = Path(args.dit_init)
         saved = StreamDiTTransformer3DModel.load_config(init / "transformer").get("refiner_channels", 0)
         added = args.refiner_channels is not None and args.refiner_channels != saved
         transformer = StreamDiTTransformer3DModel.from_pretrained(init / "transformer", low_cpu_mem_usage=not added,
-                                                                  **window)
+                                                                  **overrides)
         if added and args.refiner_channels:
             transformer.refiner.reset_parameters()  # not in the saved weights: the loader left it uninitialised
         text_encoder = StreamDiTTextEncoder.from_pretrained(init / "text_encoder")
@@ -491,7 +491,7 @@ def new_dit(args, vae):
     transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
                               prediction_type=args.prediction_type,
                               sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
-                                           args.side // vae.spatial_compression), **window)
+                                           args.side // vae.spatial_compression), **overrides)
     text_encoder = new_text_encoder(tokenizer, transformer.config.text_dim)
     return transformer, tokenizer, text_encoder
 

@@ -217,7 +217,7 @@ class LatentRefiner(nn.Module):
 
     def forward(self, x, out, c):
         # x, out (B, C, F, H, W): noisy latents and the DiT's output; c (B, F, D)
-        b, _, f, height, width = x.shape
+        b = x.shape[0]
         h = self.conv_in(rearrange(torch.cat([x, out], 1), "b c f h w -> (b f) c h w"))  # (B F, R, H, W)
         shift, scale = self.modulation(c).flatten(0, 1)[:, :, None, None].chunk(2, dim=1)  # (B F, R, 1, 1) each
         h = self.conv_mid(F.silu(h * (1 + scale) + shift))
@@ -273,6 +273,8 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"prediction_type={prediction_type!r} must be 'velocity' or 'sample'")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size={hidden_size} must split into num_heads={num_heads} heads of even width")
+        if refiner_channels < 0:
+            raise ValueError(f"refiner_channels={refiner_channels} must be 0 (no refiner) or more")
         if len(window_size) != 3 or min(window_size) < 1:
             raise ValueError(f"window_size={window_size} must be three positive sizes (frames, height, width)")
         self.out_channels = out_channels or in_channels
@@ -316,8 +318,6 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        if self.config.refiner_channels:
-            self.refiner.reset_parameters()  # after the xavier pass above, which would give it a non-zero output
 
     def token_grid(self, frames, height, width):
         """(F, h, w) token grid for a latent buffer; raises ValueError where the windows cannot tile it."""

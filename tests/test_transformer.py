@@ -191,6 +191,8 @@ def test_one_timestep_per_sample_is_shared_by_its_frames():
         (dict(hidden_size=36, num_heads=4), "hidden_size=36"),  # heads 9 wide: rotary positions need pairs
         (dict(window_size=(2, 2)), r"window_size=\(2, 2\)"),
         (dict(window_size=(0, 2, 2)), r"window_size=\(0, 2, 2\)"),
+        (dict(refiner_channels=8, out_channels=8), "refiner_channels=8 needs out_channels=8"),
+        (dict(refiner_channels=-1), "refiner_channels=-1"),
     ],
 )
 def test_bad_config_raises(overrides, message):
@@ -249,7 +251,3 @@ def test_refiner_is_per_frame_local_and_wraps_around():
     reached = change[1].nonzero().flatten().tolist()
     assert sorted(reached) == [0, 1, 2, 3, 13, 14, 15]
 
-
-def test_refiner_needs_matching_channels():
-    with pytest.raises(ValueError, match="refiner_channels=8"):
-        from_preset("tiny", refiner_channels=8, out_channels=8)
