@@ -301,13 +301,17 @@ def plot_loss(csv_path: Path):
 def run_stage(stage, args, accelerator, trainable, loss_fn, make_batch, steps, lr):
     """The shared loop: AdamW with warm-up, EMA, gradient clipping, checkpoints every --checkpoint-every steps.
 
-    Only parameters that require grad are trained (and averaged): a frozen part of a module stays as it was.
+    Only parameters that require grad are trained (and averaged): a frozen part of a module stays as it was. A module
+    frozen whole is only moved to the device, not prepared: DDP refuses to wrap a module with nothing to train.
     """
     out = Path(args.output_dir)
     params = [p for m in trainable for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, args))
-    *trainable, optimizer, lr_schedule = accelerator.prepare(*trainable, optimizer, lr_schedule)
+    learns = [any(p.requires_grad for p in m.parameters()) for m in trainable]
+    prepared = iter(accelerator.prepare(*[m for m, yes in zip(trainable, learns) if yes], optimizer, lr_schedule))
+    trainable = [next(prepared) if yes else m.to(accelerator.device) for m, yes in zip(trainable, learns)]
+    optimizer, lr_schedule = prepared
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     state = TrainState(args.seed + accelerator.process_index)
     accelerator.register_for_checkpointing(ema, state)

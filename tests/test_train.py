@@ -412,12 +412,16 @@ def test_decoder_trains_on_a_dits_redrawn_latents(run, tmp_path):
         main(["--stage", "decoder", "--output-dir", str(other), "--redraw-with", str(run / "pipeline"), *TINY])
 
 
-def test_dit_stage_trains_a_refiner_alone_on_a_saved_pipeline(run, tmp_path):
+def test_dit_stage_trains_a_refiner_alone_on_a_saved_pipeline(run, tmp_path, capsys):
     """--refiner-channels adds a refiner to --dit-init's DiT; --train-refiner-only trains it and nothing else."""
     out = tmp_path / "refiner"
     shutil.copytree(run / "vae", out / "vae")
-    main(["--stage", "dit", "--output-dir", str(out), "--steps", "3", *TINY, "--dit-init", str(run / "pipeline"),
-          "--refiner-channels", "8", "--train-refiner-only"])
+    refiner_only = [*TINY, "--dit-init", str(run / "pipeline"), "--refiner-channels", "8", "--train-refiner-only"]
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "2", "--checkpoint-every", "2", *refiner_only])
+    capsys.readouterr()
+    main(["--stage", "dit", "--output-dir", str(out), "--steps", "3", *refiner_only])
+    assert "at step 2" in capsys.readouterr().out  # resumed, the frozen text encoder outside the checkpoint
+    assert steps(out / "dit-loss.csv") == [1, 2, 3]
     saved, refined = (StreamDiTPipeline.from_pretrained(p) for p in (run / "pipeline", out / "pipeline"))
     assert refined.transformer.config.refiner_channels == 8
     assert refined.transformer.refiner.conv_out.weight.any()  # it learned something
