@@ -7,7 +7,9 @@ Stage "vae": the causal video autoencoder, by pixel reconstruction (L1 + MSE, ob
 percent of the frame but all of the content). Its latents are then normalised to unit variance.
 Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its latents stays valid: sharper edges
 (--edge-weight), clean frames from noisy latents (--latent-noise), or the true frames from latents a trained DiT
-redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer).
+redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer),
+and a decoder that commits to a shape (--adversarial-weight: a patch discriminator's hinge loss, as image autoencoders
+are trained; a pixel loss alone pays a blend of square and circle for a latent that could be either).
 Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
 size c from {1, 2, 4, ..., B} and each chunk its own tau from Eq. 8, so one model serves uniform, diagonal and StreamDiT
 partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance. With
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -96,11 +100,12 @@ def object_crops(video, scenes, rng, size):
     return torch.stack(crops)  # (b, 3, T, size, size)
 
 
-def vae_loss(vae, batch, args, rng):
+def reconstruct_crops(vae, batch, args, rng):
+    """The autoencoder on object crops of a batch: (reconstruction, crops), both (b, 3, T, crop, crop)."""
     video = object_crops(batch[0], batch[2], rng, args.vae_crop)  # (b, 3, T, crop, crop) in [-1, 1]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     recon = vae(video, latent_noise=args.latent_noise, generator=generator)  # forward: DDP syncs it
-    return reconstruction_loss(recon, video, args.edge_weight)
+    return recon, video
 
 
 def reconstruction_loss(recon, video, edge_weight=0.0):
@@ -117,6 +122,37 @@ def edge_loss(recon, video):
     Differencing is linear, so the difference of the error is the error of the differences."""
     error = recon - video  # (b, 3, T, H, W)
     return torch.diff(error, dim=-1).abs().mean() + torch.diff(error, dim=-2).abs().mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """Per-frame patch discriminator (pix2pix's PatchGAN): a logit for each patch of about 46 x 46 pixels, more than
+    a large object, saying whether that patch looks like shapes world. It sees no latents: it only knows that a
+    shapes-world square has square corners and a circle is round, never a blend of the two."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        c = channels
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 4, 2, 1), nn.GroupNorm(8, 4 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 1, 3, 1, 1),
+        )
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        frames = video.transpose(1, 2).flatten(0, 1)  # (b T, 3, H, W) in [-1, 1]
+        return self.layers(frames)  # (b T, 1, H / 8, W / 8)
+
+
+def adversarial_loss(discriminator, recon, video):
+    """Hinge GAN losses in one scalar, for the shared loop's single optimiser: the discriminator's (real frames up,
+    the decoder's down, the decoder's detached) plus the decoder's (its frames up), the latter through a copy of the
+    discriminator's weights cut from the graph, so each loss moves only its own model."""
+    d_loss = F.relu(1 - discriminator(video)).mean() + F.relu(1 + discriminator(recon.detach())).mean()
+    module = getattr(discriminator, "module", discriminator)  # DDP wraps it under several processes
+    frozen = {name: p.detach() for name, p in module.named_parameters()}
+    g_loss = -torch.func.functional_call(module, frozen, (recon,)).mean()
+    return d_loss, g_loss
 
 
 @torch.no_grad()
@@ -406,7 +442,8 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             return videos.to(accelerator.device), captions, scenes
 
         def loss(trainable, batch, state):
-            return vae_loss(trainable[0], batch, args, state.rng)
+            recon, video = reconstruct_crops(trainable[0], batch, args, state.rng)
+            return reconstruction_loss(recon, video, args.edge_weight) + adversarial_terms(trainable, recon, video)
     else:
         redraw_pipe.to(accelerator.device)
         pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
@@ -418,9 +455,17 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
 
         def loss(trainable, batch, state):
             latents, video = batch
-            return reconstruction_loss(trainable[0](latents=latents), video, args.edge_weight)
+            recon = trainable[0](latents=latents)
+            return reconstruction_loss(recon, video, args.edge_weight) + adversarial_terms(trainable, recon, video)
 
-    (vae,) = run_stage(stage, args, accelerator, [vae], loss, make_batch, steps, args.vae_lr)
+    def adversarial_terms(trainable, recon, video):
+        if not args.adversarial_weight:
+            return 0.0
+        d_loss, g_loss = adversarial_loss(trainable[1], recon, video)
+        return d_loss + args.adversarial_weight * g_loss
+
+    models = [vae, PatchDiscriminator()] if args.adversarial_weight else [vae]
+    vae = run_stage(stage, args, accelerator, models, loss, make_batch, steps, args.vae_lr)[0]
     if accelerator.is_main_process:
         vae.eval()
         if normalise:
@@ -580,6 +625,9 @@ def parse_args(argv=None):
                    help="decoder input noise, up to this fraction of the latents' spread (robust decoding)")
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="weight of an L1 loss on pixel differences (sharp edges) in the autoencoder's loss")
+    p.add_argument("--adversarial-weight", type=float, default=0.0,
+                   help="weight of a patch discriminator's hinge loss on the decoder's frames (0: none); the "
+                        "discriminator trains alongside, in the same checkpoints")
     p.add_argument("--decoder-steps", type=int, default=1000)
     p.add_argument("--redraw-with", default=None,
                    help="a pipeline whose DiT redraws the decoder's training latents (SDEdit from --redraw-noise): the "
@@ -631,7 +679,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for name in ("object_weight", "edge_weight", "decoded_weight"):
+    for name in ("object_weight", "edge_weight", "decoded_weight", "adversarial_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0.0 < args.redraw_noise <= 1.0:

@@ -165,6 +165,53 @@ def test_a_wider_decoder_trains_behind_the_saved_encoder(run, tmp_path):
     assert after(video).shape == video.shape
 
 
+def test_adversarial_losses_each_move_only_their_own_model():
+    """The discriminator's hinge loss reaches its weights and not the decoder's frames; the decoder's reaches its
+    frames and not the discriminator (one optimiser steps both, so each must get only its own gradient)."""
+    import torch
+
+    from streamdit.train import PatchDiscriminator, adversarial_loss
+
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(channels=8)
+    recon = (torch.rand(2, 3, 2, 16, 16) * 2 - 1).requires_grad_()
+    video = torch.rand(2, 3, 2, 16, 16) * 2 - 1
+    assert discriminator(video).shape == (4, 1, 2, 2)  # a logit per patch of each frame
+    d_loss, g_loss = adversarial_loss(discriminator, recon, video)
+    assert torch.autograd.grad(d_loss, recon, allow_unused=True)[0] is None
+    weights = [p for p in discriminator.parameters() if p.ndim == 4]  # (a bias's hinge terms may cancel)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(d_loss, weights, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(g_loss, list(discriminator.parameters()), allow_unused=True,
+                                                      retain_graph=True))
+    (grad,) = torch.autograd.grad(g_loss, recon)
+    with torch.no_grad():  # -mean D(recon), computed directly
+        assert torch.allclose(g_loss, -discriminator(recon).mean())
+    assert grad.abs().sum() > 0
+
+
+def test_adversarial_decoder_training_resumes_and_keeps_the_latent_space(run, tmp_path, capsys):
+    import shutil
+
+    from streamdit import StreamDiTAutoencoder
+
+    out = tmp_path / "adversarial"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    args = ["--stage", "decoder", "--output-dir", str(out), "--adversarial-weight", "0.5", "--checkpoint-every", "2",
+            *TINY]
+    main([*args, "--decoder-steps", "2"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["decoder-2"]
+    main([*args, "--decoder-steps", "4"])  # the run given more steps continues, discriminator and all
+    log = capsys.readouterr().out
+    assert "resumed decoder" in log and "at step 2" in log
+    assert [int(row["step"]) for row in csv.DictReader((out / "decoder-loss.csv").open())] == [1, 2, 3, 4]
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    for name, p in before.state_dict().items():
+        assert torch.equal(p, after.state_dict()[name]) != name.startswith("decoder."), name
+    with pytest.raises(ValueError, match="--adversarial-weight must be 0 or more, got -1"):
+        main([*args, "--decoder-steps", "5", "--adversarial-weight", "-1"])
+
+
 class _PixelVae:
     """An autoencoder stand-in whose latents are the frames themselves, so a pooled clip shows which scene it is."""
 
