@@ -148,7 +148,9 @@ def adversarial_loss(discriminator, recon, video):
     """Hinge GAN losses in one scalar, for the shared loop's single optimiser: the discriminator's (real frames up,
     the decoder's down, the decoder's detached) plus the decoder's (its frames up), the latter through a copy of the
     discriminator's weights cut from the graph, so each loss moves only its own model."""
-    d_loss = F.relu(1 - discriminator(video)).mean() + F.relu(1 + discriminator(recon.detach())).mean()
+    # one call on both halves: DDP allows a module one forward per backward (GroupNorm keeps the samples apart)
+    real, fake = discriminator(torch.cat([video, recon.detach()])).chunk(2)  # (b T, 1, H / 8, W / 8) each
+    d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
     module = getattr(discriminator, "module", discriminator)  # DDP wraps it under several processes
     frozen = {name: p.detach() for name, p in module.named_parameters()}
     g_loss = -torch.func.functional_call(module, frozen, (recon,)).mean()
