@@ -443,9 +443,8 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             videos, captions, scenes = sample_batch(state.rng, args.batch_size, args.vae_frames, args.side)
             return videos.to(accelerator.device), captions, scenes
 
-        def loss(trainable, batch, state):
-            recon, video = reconstruct_crops(trainable[0], batch, args, state.rng)
-            return reconstruction_loss(recon, video, args.edge_weight) + adversarial_terms(trainable, recon, video)
+        def reconstruct(trainable, batch, state):
+            return reconstruct_crops(trainable[0], batch, args, state.rng)
     else:
         redraw_pipe.to(accelerator.device)
         pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
@@ -455,16 +454,17 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             pool.refresh(state.rng, args.pool_refresh)
             return redrawn_batch(pool, redraw_pipe, state.rng, args)
 
-        def loss(trainable, batch, state):
+        def reconstruct(trainable, batch, state):
             latents, video = batch
-            recon = trainable[0](latents=latents)
-            return reconstruction_loss(recon, video, args.edge_weight) + adversarial_terms(trainable, recon, video)
+            return trainable[0](latents=latents), video
 
-    def adversarial_terms(trainable, recon, video):
-        if not args.adversarial_weight:
-            return 0.0
-        d_loss, g_loss = adversarial_loss(trainable[1], recon, video)
-        return d_loss + args.adversarial_weight * g_loss
+    def loss(trainable, batch, state):
+        recon, video = reconstruct(trainable, batch, state)
+        total = reconstruction_loss(recon, video, args.edge_weight)
+        if args.adversarial_weight:
+            d_loss, g_loss = adversarial_loss(trainable[1], recon, video)
+            total = total + d_loss + args.adversarial_weight * g_loss
+        return total
 
     models = [vae, PatchDiscriminator()] if args.adversarial_weight else [vae]
     vae = run_stage(stage, args, accelerator, models, loss, make_batch, steps, args.vae_lr)[0]
