@@ -150,13 +150,18 @@ def stream_frames(pipe, prompt, seconds, seed, switch=None, **options):
 
 
 def evaluate_adherence(pipe, prompts, seconds, seed, **options):
-    rows, samples = [], []
-    for i, prompt in enumerate(prompts):
-        frames = stream_frames(pipe, prompt, seconds, seed + i, **options)
-        reading = read_video(frames[FPS // 2 :])  # from half a second in: the start-up chunk is settling
+    samples = [stream_frames(pipe, prompt, seconds, seed + i, **options) for i, prompt in enumerate(prompts)]
+    return score_streams(prompts, samples), samples
+
+
+def score_streams(prompts, samples, seconds=None):
+    """One row per stream: what its first `seconds` (all of it: None) show against its prompt."""
+    rows = []
+    for prompt, frames in zip(prompts, samples):
+        window = frames if seconds is None else frames[: int(seconds * FPS)]
+        reading = read_video(window[FPS // 2 :])  # from half a second in: the start-up chunk is settling
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
-        samples.append(frames)
-    return rows, samples
+    return rows
 
 
 @torch.no_grad()
@@ -239,6 +244,9 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: streamdit.DEFAULT_MODEL)")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--windows", type=float, nargs="*", default=[],
+                   help="also score the first W seconds of the same streams, for each W (shorter than --seconds): "
+                        "the detector reads each attribute over a whole window, so the window's length counts")
     p.add_argument("--drift-prompts", type=int, default=5)
     p.add_argument("--drift-seconds", type=int, default=60)
     p.add_argument("--switches", type=int, default=20)
@@ -254,6 +262,10 @@ def main(argv=None):
                    help="also score the autoencoder's reconstructions of this many generator clips (the ceiling)")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
+    for window in args.windows:
+        if not 0.5 < window <= args.seconds:  # the reading starts half a second in
+            raise ValueError(f"--windows {window:g}: a window must be longer than 0.5 s and at most --seconds "
+                             f"{args.seconds:g}")
     if args.model is None:
         from . import DEFAULT_MODEL
 
@@ -271,6 +283,9 @@ def main(argv=None):
     results = {"model": args.model, "shift": pipe.scheduler.config.shift,
                "switch_strength": options.get("switch_strength", pipe.config.switch_strength), "prompts": len(prompts),
                **summarise(rows)}
+    for window in args.windows:
+        first = summarise(score_streams(prompts, samples, window))
+        results |= {f"first_{window:g}s_{k}": v for k, v in first.items() if k.startswith(("all", "adherence"))}
     if args.reconstructions:
         ceiling = evaluate_reconstructions(pipe.vae, args.reconstructions, args.seed)
         results |= {f"autoencoder_{k}": v for k, v in ceiling.items() if k.startswith(("all", "adherence"))}

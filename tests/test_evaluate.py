@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from streamdit.data import SIDE, Scene, caption, render, sample_scene
-from streamdit.evaluate import adherence, random_prompts, read_video, stream_frames, summarise
+from streamdit.evaluate import (adherence, evaluate_adherence, random_prompts, read_video, score_streams, stream_frames,
+                                summarise)
 
 PROMPT = "a red circle moving left"
 
@@ -105,3 +106,31 @@ def test_reconstruction_ceiling_reads_what_the_decoder_gives_back():
     assert perfect["all_attributes"] == 1.0
     blank = evaluate_reconstructions(_StandIn(lambda x: torch.zeros_like(x)), count=12, seed=3)  # gray, no object
     assert blank["adherence_colour"] == 0.0 and blank["all_attributes"] == 0.0
+
+
+def test_a_window_reads_only_the_start_of_each_stream():
+    """--windows W scores the first W seconds: here a clip that shows its caption for 1 s and then another scene."""
+    rng = np.random.default_rng(11)
+    first, then = sample_scene(rng, shape="circle"), sample_scene(rng, shape="triangle")
+    clip = np.concatenate([render(first, 16), render(then, 32)])  # 1 s, then 2 s of another scene
+    prompt = caption(first, omit=0.0)
+    (whole,), (start,) = score_streams([prompt], [clip]), score_streams([prompt], [clip], seconds=1.0)
+    assert all(start["adherence"].values()) and start["reading"]["shape"] == "circle"
+    assert not all(whole["adherence"].values()) and whole["reading"]["shape"] == "triangle"
+
+
+def test_a_window_of_a_longer_stream_scores_as_the_shorter_stream(pipe):
+    """The first second of a 2-s stream is the 1-s stream (same seed), so its window reads the same."""
+    prompts = random_prompts(2, seed=5)
+    short, _ = evaluate_adherence(pipe, prompts, 1.0, seed=0)
+    _, samples = evaluate_adherence(pipe, prompts, 2.0, seed=0)
+    assert [len(s) for s in samples] == [32, 32]
+    assert score_streams(prompts, samples, 1.0) == short
+
+
+@pytest.mark.parametrize("window", ["0.5", "5"])
+def test_a_window_outside_the_stream_is_a_value_error(window):
+    from streamdit.evaluate import main
+
+    with pytest.raises(ValueError, match=f"--windows {window}"):
+        main(["--seconds", "4", "--windows", window])
