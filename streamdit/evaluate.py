@@ -24,6 +24,7 @@ import torch
 from .data import BACKGROUNDS, COLOURS, FPS, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
+SETTLING_FRAMES = FPS // 2  # a stream is read from half a second in: its start-up chunk is settling
 _BG = np.array(list(BACKGROUNDS.values()), np.float64)
 _FG = np.array(list(COLOURS.values()), np.float64)
 
@@ -159,7 +160,7 @@ def score_streams(prompts, samples, seconds=None):
     rows = []
     for prompt, frames in zip(prompts, samples):
         window = frames if seconds is None else frames[: int(seconds * FPS)]
-        reading = read_video(window[FPS // 2 :])  # from half a second in: the start-up chunk is settling
+        reading = read_video(window[SETTLING_FRAMES:])
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
     return rows
 
@@ -263,9 +264,9 @@ def main(argv=None):
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     for window in args.windows:
-        if not 0.5 < window <= args.seconds:  # the reading starts half a second in
-            raise ValueError(f"--windows {window:g}: a window must be longer than 0.5 s and at most --seconds "
-                             f"{args.seconds:g}")
+        if not SETTLING_FRAMES < window * FPS <= args.seconds * FPS:
+            raise ValueError(f"--windows {window:g}: a window must be longer than the {SETTLING_FRAMES / FPS:g} s a "
+                             f"stream settles for and at most --seconds {args.seconds:g}")
     if args.model is None:
         from . import DEFAULT_MODEL
 
