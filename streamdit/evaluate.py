@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BACKGROUNDS, COLOURS, FPS, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene
+from .data import BACKGROUNDS, COLOURS, FPS, SHAPES, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
 SETTLING_FRAMES = FPS // 2  # a stream is read from half a second in: its start-up chunk is settling
@@ -230,6 +230,27 @@ def save_gif_grid(samples, path, columns=4, seconds=3):
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / FPS), loop=0)
 
 
+def by_shape_and_speed(rows) -> dict:
+    """Where a model fails: streams that hold every stated attribute, by the prompt's shape and speed.
+    -> {"square quickly": [right, streams], ...}; "normal" is the speed a prompt without a speed word asks for."""
+    cells = {}
+    for row in rows:
+        stated = parse_caption(row["prompt"])
+        cell = cells.setdefault(f"{stated['shape']} {stated['speed']}", [0, 0])
+        cell[0] += all(row["adherence"].values())
+        cell[1] += 1
+    return cells
+
+
+def breakdown_markdown(cells: dict) -> str:
+    """The by_shape_and_speed cells as a shapes x speeds table of right / streams."""
+    lines = ["| shape | " + " | ".join(SPEEDS) + " |", "|---|" + "---:|" * len(SPEEDS)]
+    for shape in SHAPES:
+        counts = [cells.get(f"{shape} {speed}") for speed in SPEEDS]
+        lines.append(f"| {shape} | " + " | ".join(f"{c[0]} / {c[1]}" if c else "-" for c in counts) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     lines = ["| measure | value |", "|---|---:|"]
     for key, value in results.items():
@@ -298,10 +319,14 @@ def main(argv=None):
     if args.switches:
         new = random_prompts(args.switches, args.seed + 1)
         results["switching"] = evaluate_switching(pipe, list(zip(prompts, new)), args.seed, **options)
-    (out / "results.md").write_text(markdown(results) + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "rows": rows}, indent=1, default=str))
+    cells = by_shape_and_speed(rows)
+    report = (f"{markdown(results)}\n\nStreams right on every stated attribute, by shape and speed:\n\n"
+              f"{breakdown_markdown(cells)}\n")
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(json.dumps({"results": results, "by_shape_and_speed": cells, "rows": rows},
+                                                 indent=1, default=str))
     save_gif_grid(samples, out / "samples.gif")
-    print(markdown(results))
+    print(report)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,34 @@ def test_a_window_outside_the_stream_is_a_value_error(window):
 
     with pytest.raises(ValueError, match=f"--windows {window}"):
         main(["--seconds", "4", "--windows", window])
+
+
+def test_results_break_adherence_down_by_shape_and_speed():
+    from streamdit.evaluate import breakdown_markdown, by_shape_and_speed
+
+    def row(prompt, right):
+        return {"prompt": prompt, "adherence": {"shape": right, "colour": True}}
+
+    rows = [row("a red square moving left quickly", True), row("a red square moving up quickly", False),
+            row("a blue square moving left quickly on a gray background", False), row("a red circle moving left", True)]
+    cells = by_shape_and_speed(rows)
+    assert cells == {"square quickly": [1, 3], "circle normal": [1, 1]}  # no speed word: the normal 2 px a frame
+    table = breakdown_markdown(cells).splitlines()
+    assert table[0] == "| shape | slowly | normal | quickly |"
+    assert table[2:] == ["| circle | - | 1 / 1 | - |", "| square | - | - | 1 / 3 |", "| triangle | - | - | - |"]
+
+
+def test_the_evaluation_command_writes_its_tables(pipe, tmp_path):
+    import json
+
+    from streamdit.evaluate import main
+
+    pipe.save_pretrained(tmp_path / "model")
+    main(["--model", str(tmp_path / "model"), "--prompts", "3", "--seconds", "1", "--drift-prompts", "0",
+          "--switches", "0", "--out", str(tmp_path / "eval")])
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["results"]["prompts"] == 3 and len(saved["rows"]) == 3
+    assert sum(streams for _, streams in saved["by_shape_and_speed"].values()) == 3
+    report = (tmp_path / "eval" / "results.md").read_text()
+    assert "| all_attributes |" in report and "| shape | slowly | normal | quickly |" in report
+    assert (tmp_path / "eval" / "samples.gif").exists()
