@@ -9,7 +9,8 @@ triangle ~0.5), its size from its extent, and its direction and speed from how i
 
 Measures: per-attribute and all-attribute prompt adherence; identity stability (the object keeps colour, shape, size);
 motion smoothness; background flicker; the same in the last 10 s of a 60 s stream against the first 10 s (drift);
-and prompt switching (the new prompt's attributes within 3 s of `set_prompt`).
+and prompt switching (the new prompt's attributes within 3 s of `set_prompt`). results.md also breaks all-attribute
+adherence down by the prompt's shape and speed, which is where a model's misses tend to gather.
 """
 
 import argparse
