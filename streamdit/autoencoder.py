@@ -192,11 +192,13 @@ def causal_lookback(module: nn.Module) -> Fraction:
     return lookback
 
 
-def stages(channels: list, layers_per_block: int, resample, flags: list, kt: int) -> list:
-    """Per stage ``layers_per_block`` ResBlocks, then ``resample(channels, flag)`` between stages."""
+def stages(channels: list, layers_per_block: int, resample, flags: list, kt: int, first_kt: int | None = None) -> list:
+    """Per stage ``layers_per_block`` ResBlocks (temporal kernel ``first_kt`` in the first stage, ``kt`` after), then
+    ``resample(channels, flag)`` between stages."""
     layers = []
     for i, c in enumerate(channels):
-        layers += [ResBlock(channels[max(i - 1, 0)] if j == 0 else c, c, kt) for j in range(layers_per_block)]
+        k = first_kt if i == 0 and first_kt is not None else kt
+        layers += [ResBlock(channels[max(i - 1, 0)] if j == 0 else c, c, k) for j in range(layers_per_block)]
         if i < len(flags):
             layers.append(resample(c, flags[i]))
     return layers
@@ -222,6 +224,7 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         shift_factor: float = 0.0,
         decoder_block_out_channels: tuple | None = None,
         decoder_layers_per_block: int | None = None,
+        decoder_latent_temporal_kernel_size: int | None = None,
     ):
         super().__init__()
         channels, flags = list(block_out_channels), [bool(f) for f in temporal_downsample]
@@ -246,6 +249,10 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
             )
         if temporal_kernel_size < 1:
             raise ValueError(f"temporal_kernel_size={temporal_kernel_size} must be at least 1")
+        if decoder_latent_temporal_kernel_size is not None and decoder_latent_temporal_kernel_size < 1:
+            raise ValueError(
+                f"decoder_latent_temporal_kernel_size={decoder_latent_temporal_kernel_size} must be at least 1 (or None)"
+            )
         # temporal_kernel_size=1 makes every conv but the temporal resampling per-frame: the decoder then needs only a
         # frame or two of left context, so streaming decodes little more than the chunk itself.
         top, bottom, kt = channels[0], channels[-1], temporal_kernel_size
@@ -256,10 +263,14 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
             *head(bottom, latent_channels, kt),
         )
         # The decoder mirrors the encoder: mid block first, widest stage first, temporal upsampling reversed.
+        # Its layers at the latents' resolution (input conv, mid block, first stage) may look further back in time
+        # (decoder_latent_temporal_kernel_size, None: kt): there a temporal conv is cheap, and earlier latent frames
+        # show the same object again, more evidence of its shape than one latent frame holds.
+        lt = decoder_latent_temporal_kernel_size or kt
         self.decoder = nn.Sequential(
-            CausalConv3d(latent_channels, decoder_channels[-1], (kt, 3, 3)),
-            ResBlock(decoder_channels[-1], decoder_channels[-1], kt),  # mid block
-            *stages(decoder_channels[::-1], decoder_layers, Upsample, flags[::-1], kt),
+            CausalConv3d(latent_channels, decoder_channels[-1], (lt, 3, 3)),
+            ResBlock(decoder_channels[-1], decoder_channels[-1], lt),  # mid block
+            *stages(decoder_channels[::-1], decoder_layers, Upsample, flags[::-1], kt, first_kt=lt),
             *head(decoder_channels[0], in_channels, kt),
         )
         t_c = self.temporal_compression

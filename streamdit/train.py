@@ -183,6 +183,9 @@ def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
     """A decoder batch from the DiT's redrawn clips: `latent_frames`-long windows of buffer-long redrawn latents, and
     the true frames they stand for (latent frame j holds video frames t_c j .. t_c j + t_c - 1)."""
     buffer_frames = pipe.scheduler.config.buffer_frames
+    if not 1 <= latent_frames <= buffer_frames:
+        raise ValueError(f"latent_frames={latent_frames} must be between 1 and the redrawing pipeline's buffer of "
+                         f"{buffer_frames} latent frames")
     clips, starts = pool.windows(rng, args.batch_size, buffer_frames)
     x1, captions = pool.take(rng, clips, starts, buffer_frames)  # (b, C, B, h, w)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -452,7 +455,7 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
 
         def make_batch(state):
             pool.refresh(state.rng, args.pool_refresh)
-            return redrawn_batch(pool, redraw_pipe, state.rng, args)
+            return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
 
         def reconstruct(trainable, batch, state):
             latents, video = batch
@@ -500,8 +503,32 @@ def train_decoder(args):
         encoder = vae.encoder.state_dict()
         vae = StreamDiTAutoencoder(**{**vae.config, **wanted})
         vae.encoder.load_state_dict(encoder)
+    latent_kt = cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size
+    if args.decoder_latent_temporal_kernel not in (None, latent_kt):
+        saved_vae = vae
+        vae = StreamDiTAutoencoder(**{**vae.config,
+                                      "decoder_latent_temporal_kernel_size": args.decoder_latent_temporal_kernel})
+        load_inflated(vae, saved_vae.state_dict())
     vae.encoder.requires_grad_(False)
     fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipeline(args, vae))
+
+
+def load_inflated(module, state):
+    """Loads `state` into `module` where some convs have grown a longer temporal kernel: a grown kernel gets the
+    saved one at its last tap (the current frame, as the causal padding is on the left) and zeros before it, so the
+    module starts out computing exactly what the saved one did and learns from there what earlier frames add."""
+    own = module.state_dict()
+    for name, value in state.items():
+        target = own[name]
+        if value.shape != target.shape:
+            if value.ndim != 5 or value.shape[2] > target.shape[2] or value.shape[:2] + value.shape[3:] != \
+                    target.shape[:2] + target.shape[3:]:
+                raise ValueError(f"{name}: saved shape {tuple(value.shape)} cannot grow into {tuple(target.shape)}")
+            grown = torch.zeros_like(target)
+            grown[:, :, -value.shape[2]:] = value
+            value = grown
+        own[name] = value
+    module.load_state_dict(own)
 
 
 def redraw_pipeline(args, vae):
@@ -639,6 +666,11 @@ def parse_args(argv=None):
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's)")
     p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved)")
+    p.add_argument("--decoder-latent-temporal-kernel", type=int, default=None,
+                   help="temporal kernel of the decoder's layers at the latents' resolution (default: saved); a "
+                        "longer one than saved starts from the saved decoder, its earlier taps zero")
+    p.add_argument("--decoder-latent-frames", type=int, default=2,
+                   help="latent frames of each redrawn clip the decoder learns to draw (with --redraw-with)")
     # DiT
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=3e-4)

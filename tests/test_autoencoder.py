@@ -215,3 +215,34 @@ def test_upsample_at_low_resolution_equals_upsampling_then_conv(temporal):
     out = up(x)
     assert out.shape == (2, 6, 5 * (2 if temporal else 1), 8, 14)
     torch.testing.assert_close(out, up.reference(x), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decoder_looks_further_back_at_the_latents_resolution():
+    """decoder_latent_temporal_kernel_size sets the temporal kernel of the decoder's input conv, mid block and first
+    stage only (the layers at the latents' resolution); the encoder and the rest keep theirs, and cached chunked
+    decoding stays equal to the whole decode over the longer context."""
+    torch.manual_seed(0)
+    config = dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), temporal_downsample=(False, True, True),
+                  temporal_kernel_size=1)
+    plain = StreamDiTAutoencoder(**config).eval()
+    vae = StreamDiTAutoencoder(**config, decoder_latent_temporal_kernel_size=3).eval()
+    kernels = [m.conv.kernel_size[0] for m in vae.decoder.modules() if isinstance(m, type(vae.decoder[0]))]
+    plain_kernels = [m.conv.kernel_size[0] for m in plain.decoder.modules() if isinstance(m, type(plain.decoder[0]))]
+    assert kernels[:5] == [3] * 5 and plain_kernels[:5] == [1] * 5  # input conv, mid block, first-stage ResBlock
+    assert kernels[5:] == plain_kernels[5:]
+    assert [p.shape for p in vae.encoder.parameters()] == [p.shape for p in plain.encoder.parameters()]
+    assert vae.decoder_context_frames == plain.decoder_context_frames + 10  # 5 convs, 2 frames back each
+    latents = torch.randn(1, 4, 14, 2, 2)
+    whole = vae.decode(latents)
+    cache, parts = CausalCache(), []
+    for start, end in [(0, 2), (2, 5), (5, 14)]:
+        parts.append(vae.decode(latents[:, :, start:end], cache))
+        cache = CausalCache(cache.next)
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    changed = latents.clone()
+    changed[:, :, 3] += 1  # a change three latent frames back reaches this one's frames only through the new taps
+    assert (vae.decode(changed) - whole)[:, :, 6 * 4 :].abs().max() > 1e-4
+    torch.testing.assert_close(plain.decode(changed)[:, :, 6 * 4 :], plain.decode(latents)[:, :, 6 * 4 :])
+    with pytest.raises(ValueError, match="decoder_latent_temporal_kernel_size=0"):
+        StreamDiTAutoencoder(**config, decoder_latent_temporal_kernel_size=0)

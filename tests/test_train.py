@@ -480,3 +480,42 @@ def test_dit_stage_trains_a_refiner_alone_on_a_saved_pipeline(run, tmp_path, cap
     with pytest.raises(ValueError, match="--train-refiner-only needs a refiner"):
         main(["--stage", "dit", "--output-dir", str(tmp_path / "none"), "--steps", "1", *TINY,
               "--dit-init", str(run / "pipeline"), "--train-refiner-only"])
+
+
+def test_a_grown_temporal_kernel_starts_as_the_saved_decoder():
+    """load_inflated puts each saved per-frame kernel at the current frame's tap of the longer one, zeros before it:
+    the grown decoder draws what the saved one drew until training teaches it the earlier frames."""
+    from streamdit.autoencoder import StreamDiTAutoencoder
+    from streamdit.train import load_inflated
+
+    torch.manual_seed(0)
+    config = dict(latent_channels=4, block_out_channels=(8, 8, 8), temporal_downsample=(True, True),
+                  temporal_kernel_size=1)
+    saved = StreamDiTAutoencoder(**config).eval()
+    grown = StreamDiTAutoencoder(**config, decoder_latent_temporal_kernel_size=3).eval()
+    load_inflated(grown, saved.state_dict())
+    first = grown.decoder[0].conv.weight  # (C', C, 3, 3, 3)
+    assert torch.equal(first[:, :, 2], saved.decoder[0].conv.weight[:, :, 0]) and not first[:, :, :2].any()
+    latents = torch.randn(1, 4, 5, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.decode(latents), saved.decode(latents), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot grow into"):
+        load_inflated(saved, grown.state_dict())  # a kernel does not shrink
+
+
+def test_a_decoder_with_a_longer_latent_kernel_trains_on_redrawn_windows(run, tmp_path):
+    from streamdit import StreamDiTAutoencoder
+
+    out = tmp_path / "temporal"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "2", "--redraw-with",
+          str(run / "pipeline"), "--decoder-latent-temporal-kernel", "3", "--decoder-latent-frames", "3", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    assert after.config.decoder_latent_temporal_kernel_size == 3
+    assert after.decoder_context_frames > before.decoder_context_frames
+    for name, p in before.encoder.state_dict().items():
+        assert torch.equal(p, after.encoder.state_dict()[name]), name  # same latent space
+    with pytest.raises(ValueError, match="latent_frames=5 must be between 1 and"):
+        main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", "--redraw-with",
+              str(run / "pipeline"), "--decoder-latent-frames", "5", *TINY])
