@@ -492,23 +492,26 @@ def train_vae(args):
 def train_decoder(args):
     """Fine-tunes only the decoder: sharper frames from the same latents, so a DiT trained on them stays valid.
     The latent normalisation is kept. With --decoder-channels or --decoder-layers unlike the saved decoder's, a new
-    (wider or deeper) decoder is trained from scratch behind the saved encoder."""
+    (wider or deeper) decoder is trained from scratch behind the saved encoder; with only a longer
+    --decoder-latent-temporal-kernel, the saved decoder is trained on with its grown kernels (`load_inflated`)."""
     vae = StreamDiTAutoencoder.from_pretrained(Path(args.output_dir) / "vae")
     cfg = vae.config
     saved = {"decoder_block_out_channels": tuple(cfg.decoder_block_out_channels or cfg.block_out_channels),
-             "decoder_layers_per_block": cfg.decoder_layers_per_block or cfg.layers_per_block}
+             "decoder_layers_per_block": cfg.decoder_layers_per_block or cfg.layers_per_block,
+             "decoder_latent_temporal_kernel_size": cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size}
+    kernel = args.decoder_latent_temporal_kernel
     wanted = {"decoder_block_out_channels": tuple(args.decoder_channels or saved["decoder_block_out_channels"]),
-              "decoder_layers_per_block": args.decoder_layers or saved["decoder_layers_per_block"]}
+              "decoder_layers_per_block": args.decoder_layers or saved["decoder_layers_per_block"],
+              "decoder_latent_temporal_kernel_size": saved["decoder_latent_temporal_kernel_size"] if kernel is None
+              else kernel}
+    same_stages = all(wanted[k] == saved[k] for k in ("decoder_block_out_channels", "decoder_layers_per_block"))
     if wanted != saved:
-        encoder = vae.encoder.state_dict()
-        vae = StreamDiTAutoencoder(**{**vae.config, **wanted})
-        vae.encoder.load_state_dict(encoder)
-    latent_kt = cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size
-    if args.decoder_latent_temporal_kernel not in (None, latent_kt):
-        saved_vae = vae
-        vae = StreamDiTAutoencoder(**{**vae.config,
-                                      "decoder_latent_temporal_kernel_size": args.decoder_latent_temporal_kernel})
-        load_inflated(vae, saved_vae.state_dict())
+        rebuilt = StreamDiTAutoencoder(**{**vae.config, **wanted})
+        if same_stages:
+            load_inflated(rebuilt, vae.state_dict())  # the same decoder, its kernels grown: it starts as the saved one
+        else:
+            rebuilt.encoder.load_state_dict(vae.encoder.state_dict())  # a new decoder, from scratch
+        vae = rebuilt
     vae.encoder.requires_grad_(False)
     fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipeline(args, vae))
 

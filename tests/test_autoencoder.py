@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from streamdit.autoencoder import CausalCache, StreamDiTAutoencoder
+from streamdit.autoencoder import CausalCache, CausalConv3d, StreamDiTAutoencoder
 
 TINY = dict(block_out_channels=(8, 8, 8), temporal_downsample=(True, True))
 
@@ -227,8 +227,8 @@ def test_decoder_looks_further_back_at_the_latents_resolution():
                   temporal_kernel_size=1)
     plain = StreamDiTAutoencoder(**config).eval()
     vae = StreamDiTAutoencoder(**config, decoder_latent_temporal_kernel_size=3).eval()
-    kernels = [m.conv.kernel_size[0] for m in vae.decoder.modules() if isinstance(m, type(vae.decoder[0]))]
-    plain_kernels = [m.conv.kernel_size[0] for m in plain.decoder.modules() if isinstance(m, type(plain.decoder[0]))]
+    kernels = [m.conv.kernel_size[0] for m in vae.decoder.modules() if isinstance(m, CausalConv3d)]
+    plain_kernels = [m.conv.kernel_size[0] for m in plain.decoder.modules() if isinstance(m, CausalConv3d)]
     assert kernels[:5] == [3] * 5 and plain_kernels[:5] == [1] * 5  # input conv, mid block, first-stage ResBlock
     assert kernels[5:] == plain_kernels[5:]
     assert [p.shape for p in vae.encoder.parameters()] == [p.shape for p in plain.encoder.parameters()]
