@@ -62,6 +62,8 @@ def new_vae(args):
         block_out_channels=tuple(args.vae_channels),
         temporal_downsample=(False, True, True),
         temporal_kernel_size=1,
+        decoder_block_out_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
+        decoder_layers_per_block=args.decoder_layers,
     )
 
 
@@ -564,9 +566,12 @@ def new_dit(args, vae):
         if added and args.refiner_channels:
             transformer.refiner.reset_parameters()  # not in the saved weights: the loader left it uninitialised
         text_encoder = StreamDiTTextEncoder.from_pretrained(init / "text_encoder")
-        if transformer.config.in_channels != vae.config.latent_channels:
+        if args.new_latent_space:
+            transformer = with_new_latent_layers(transformer, vae.config.latent_channels)
+        elif transformer.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"--dit-init {init} takes {transformer.config.in_channels} latent channels; the "
-                             f"autoencoder in {args.output_dir} makes {vae.config.latent_channels}")
+                             f"autoencoder in {args.output_dir} makes {vae.config.latent_channels} (a new latent "
+                             f"space: add --new-latent-space)")
         return transformer, tokenizer, text_encoder
     # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
     transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
@@ -575,6 +580,19 @@ def new_dit(args, vae):
                                            args.side // vae.spatial_compression), **overrides)
     text_encoder = new_text_encoder(tokenizer, transformer.config.text_dim)
     return transformer, tokenizer, text_encoder
+
+
+def with_new_latent_layers(transformer, latent_channels):
+    """The same DiT for another autoencoder's latents: its blocks, timestep and text layers kept (what it learned
+    about captions, motion and the buffer), the layers that touch latents new: the patch embedding, the final
+    layer's projection (zero, so it starts out predicting zero velocity, as a new DiT does) and any refiner."""
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    new = StreamDiTTransformer3DModel(**{**config, "in_channels": latent_channels, "out_channels": None})
+    kept = {name: value for name, value in transformer.state_dict().items()
+            if not name.startswith(("x_embedder.", "final_layer.linear.", "refiner."))}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    assert not unexpected and all(n.startswith(("x_embedder.", "final_layer.linear.", "refiner.")) for n in missing)
+    return new
 
 
 def train_dit(args):
@@ -667,8 +685,9 @@ def parse_args(argv=None):
     p.add_argument("--redraw-noise", type=float, default=0.5,
                    help="redrawn latents start from noise level sigma ~ U[0, this] (1 = pure noise)")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
-                   help="decoder stage widths, full resolution first (default: the saved decoder's)")
-    p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved)")
+                   help="decoder stage widths, full resolution first (default: the saved decoder's; a new "
+                        "autoencoder's mirror its encoder's)")
+    p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved; a new autoencoder's: its encoder's)")
     p.add_argument("--decoder-latent-temporal-kernel", type=int, default=None,
                    help="temporal kernel of the decoder's layers at the latents' resolution (default: saved); a "
                         "longer one than saved starts from the saved decoder, its earlier taps zero")
@@ -683,6 +702,9 @@ def parse_args(argv=None):
                         "can resume with another window")
     p.add_argument("--dit-init", default=None,
                    help="a pipeline folder whose transformer and text encoder a new run starts from (not a resume)")
+    p.add_argument("--new-latent-space", action="store_true",
+                   help="with --dit-init: the autoencoder here is not the one that DiT learned; keep its blocks and "
+                        "text side, start its patch embedding and final projection afresh for these latents")
     p.add_argument("--refiner-channels", type=int, default=None,
                    help="add a LatentRefiner of this width after the DiT's final layer (default: --dit-init's, else "
                         "none); a new refiner starts as the identity")

@@ -292,6 +292,29 @@ def test_dit_stage_starts_from_a_saved_pipeline(run, tmp_path):
         main(["--stage", "dit", "--output-dir", str(other), "--steps", "1", *TINY, "--dit-init", str(run / "pipeline")])
 
 
+def test_dit_init_into_a_new_latent_space_keeps_the_blocks_and_renews_the_latent_layers(run, tmp_path):
+    other = tmp_path / "latent8"
+    main(["--stage", "vae", "--output-dir", str(other), "--vae-steps", "1", *TINY, "--latent-channels", "8"])
+    main(["--stage", "dit", "--output-dir", str(other), "--steps", "0", *TINY, "--dit-init", str(run / "pipeline"),
+          "--new-latent-space"])
+    saved = StreamDiTPipeline.from_pretrained(run / "pipeline")
+    started = StreamDiTPipeline.from_pretrained(other / "pipeline")
+    assert started.transformer.config.in_channels == 8 and started.transformer.x_embedder.in_channels == 8
+    renewed = ("x_embedder.", "final_layer.linear.")
+    theirs = saved.transformer.state_dict()
+    for name, p in started.transformer.state_dict().items():
+        if name.startswith(renewed):
+            # 8 latent channels where the saved DiT took 4; the embedding's bias starts afresh at zero
+            assert p.shape != theirs[name].shape or (not p.any() and theirs[name].any()), name
+        else:
+            assert torch.equal(p, theirs[name]), name
+    assert not started.transformer.final_layer.linear.weight.any()  # a new projection starts at zero velocity
+    for name, p in saved.text_encoder.state_dict().items():
+        assert torch.equal(p, started.text_encoder.state_dict()[name]), name
+    started.set_progress_bar_config(disable=True)
+    assert next(iter(started.stream("a red circle moving left"))).frames.shape == (8, 32, 32, 3)
+
+
 def test_object_weights_mark_latents_that_differ_from_their_frames_background():
     x1 = torch.randn(2, 4, 3, 1, 1).expand(2, 4, 3, 8, 8).clone()  # each frame one background latent
     x1[0, 2, 1, 2:4, 5:7] += 1.0  # an object in one channel of one frame
