@@ -586,12 +586,11 @@ def with_new_latent_layers(transformer, latent_channels):
     """The same DiT for another autoencoder's latents: its blocks, timestep and text layers kept (what it learned
     about captions, motion and the buffer), the layers that touch latents new: the patch embedding, the final
     layer's projection (zero, so it starts out predicting zero velocity, as a new DiT does) and any refiner."""
-    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    new = StreamDiTTransformer3DModel(**{**config, "in_channels": latent_channels, "out_channels": None})
-    kept = {name: value for name, value in transformer.state_dict().items()
-            if not name.startswith(("x_embedder.", "final_layer.linear.", "refiner."))}
+    renewed = ("x_embedder.", "final_layer.linear.", "refiner.")
+    new = StreamDiTTransformer3DModel.from_config(transformer.config, in_channels=latent_channels, out_channels=None)
+    kept = {name: value for name, value in transformer.state_dict().items() if not name.startswith(renewed)}
     missing, unexpected = new.load_state_dict(kept, strict=False)
-    assert not unexpected and all(n.startswith(("x_embedder.", "final_layer.linear.", "refiner.")) for n in missing)
+    assert not unexpected and all(n.startswith(renewed) for n in missing)
     return new
 
 
@@ -687,7 +686,8 @@ def parse_args(argv=None):
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's; a new "
                         "autoencoder's mirror its encoder's)")
-    p.add_argument("--decoder-layers", type=int, default=None, help="ResBlocks per decoder stage (default: saved; a new autoencoder's: its encoder's)")
+    p.add_argument("--decoder-layers", type=int, default=None,
+                   help="ResBlocks per decoder stage (default: saved; a new autoencoder's: its encoder's)")
     p.add_argument("--decoder-latent-temporal-kernel", type=int, default=None,
                    help="temporal kernel of the decoder's layers at the latents' resolution (default: saved); a "
                         "longer one than saved starts from the saved decoder, its earlier taps zero")
