@@ -13,6 +13,7 @@ width (of video frames or latents, as the line says).
 
 import math
 from fractions import Fraction
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,11 @@ class Upsample(nn.Module):
     low-resolution pixel), and a causal 3-tap conv over repeated frames gives each of the 2 new frames a 2-tap conv
     over the original ones. All phases run as one conv at the low resolution: 4 (or 8) taps an output value instead of
     9 (or 27), the same weights and the same result (tested against the plain computation, `reference`).
+
+    The one 3-tap conv ties the 2 new frames together: frame 2k gets (w0 + w1) prev + w2 this, frame 2k+1 gets
+    w0 prev + (w1 + w2) this, so they differ only by w1 (this - prev), and an object that moves within one input
+    frame can only be drawn at its two places through that difference. With ``untied_frames`` each new frame has a
+    2-tap conv (prev, this) of its own instead, as Wan's VAE gives each new frame its own channels (`untied`).
     """
 
     # Rows: sub-pixel (or sub-frame) phase; columns: the 3 taps of the conv; entries: which of the 2 low-resolution
@@ -136,22 +142,46 @@ class Upsample(nn.Module):
     SPACE = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float32)  # (phase, tap2, tap3)
     TIME = torch.tensor([[[1, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 1]]], dtype=torch.float32)
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, untied_frames: bool = False):
         super().__init__()
         self.time_factor = 2 if temporal else 1
-        self.conv = CausalConv3d(channels, channels, (3, 3, 3) if temporal else (1, 3, 3))
+        self.untied_frames = temporal and untied_frames
+        if self.untied_frames:  # per new frame p: a (prev, this) kernel; starts as a tied conv's, see `untied`
+            tied = CausalConv3d(channels, channels, (3, 3, 3)).conv
+            weight, bias = self.untie(tied.weight, tied.bias)
+            self.frame_weight = nn.Parameter(weight)  # (2, C', C, 2, 3, 3): new frame, out, in, (prev, this), y, x
+            self.frame_bias = nn.Parameter(bias)  # (2, C')
+        else:
+            self.conv = CausalConv3d(channels, channels, (3, 3, 3) if temporal else (1, 3, 3))
+
+    @classmethod
+    def untie(cls, weight: torch.Tensor, bias: torch.Tensor):
+        """A tied conv's (C', C, 3, 3, 3) kernel and (C',) bias as the per-frame (2, C', C, 2, 3, 3) and (2, C') that
+        compute the same: what each new frame's taps read of (prev, this), summed."""
+        frame_weight = torch.einsum("ptk,ockyx->poctyx", cls.TIME.to(weight), weight)
+        return frame_weight.contiguous(), bias.expand(2, -1).clone()
+
+    def time_kernels(self):
+        """(frames, C', taps, C, 3, 3) and (frames, C'): each new frame's kernel over the (prev, this) frames, or for a
+        spatial-only Upsample one frame's kernel over this frame alone."""
+        if self.untied_frames:
+            return self.frame_weight.transpose(2, 3), self.frame_bias
+        w = self.conv.conv.weight  # (C', C, kt, 3, 3)
+        if self.time_factor == 2:
+            w = torch.einsum("ptk,ockyx->potcyx", self.TIME.to(w), w)  # (2, C', 2, C, 3, 3)
+        else:
+            w = w.transpose(1, 2).unsqueeze(0)  # (1, C', 1, C, 3, 3)
+        return w, self.conv.conv.bias.expand(self.time_factor, -1)
 
     def phase_kernels(self):
-        """(phases * C', taps * C, 2, 2): the conv's 3x3 (x 3) kernel folded into one 2x2 kernel per phase, the time
-        taps (previous frame, this frame) stacked along the input channels."""
-        w = self.conv.conv.weight  # (C', C, kt, 3, 3)
+        """(phases * C', taps * C, 2, 2) and (phases * C',): each (frame, row, column) phase's 3x3 kernel folded into
+        one 2x2 kernel over the low-resolution grid, the time taps (previous frame, this frame) stacked along the input
+        channels."""
+        w, bias = self.time_kernels()  # (pt, C', taps, C, 3, 3), (pt, C')
         space = self.SPACE.to(w)
-        w = torch.einsum("aiy,bjx,ockyx->abockij", space, space, w)  # (2, 2, C', C, kt, 2, 2)
-        if self.time_factor == 2:
-            w = torch.einsum("ptk,abockij->pabotcij", self.TIME.to(w), w)  # (2, 2, 2, C', 2, C, 2, 2)
-        else:
-            w = w.squeeze(-3).unsqueeze(0).unsqueeze(-4)  # (1, 2, 2, C', 1, C, 2, 2)
-        return w.flatten(0, 3).flatten(1, 2)  # (phases * C', taps * C, 2, 2)
+        w = torch.einsum("aiy,bjx,potcyx->pabotcij", space, space, w)  # (pt, 2, 2, C', taps, C, 2, 2)
+        bias = bias[:, None, None].expand(-1, 2, 2, -1)  # (pt, 2, 2, C'): every spatial phase its own copy
+        return w.flatten(0, 3).flatten(1, 2), bias.flatten()
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
@@ -159,8 +189,7 @@ class Upsample(nn.Module):
             previous = (cache or CausalCache()).pad(x, 1)[:, :, :-1]  # (B, C, T, H, W)
             x = torch.cat([previous, x], dim=1)  # (B, 2C, T, H, W)
         frames = x.transpose(1, 2).flatten(0, 1)  # (B*T, taps*C, H, W)
-        kernels = self.phase_kernels()
-        bias = self.conv.conv.bias.repeat(kernels.shape[0] // self.conv.conv.bias.shape[0])  # every phase's own copy
+        kernels, bias = self.phase_kernels()
         out = F.conv2d(F.pad(frames, (1, 1, 1, 1)), kernels, bias)  # (B*T, phases*C', H+1, W+1)
         out = out.unflatten(1, (self.time_factor, 2, 2, -1))  # (B*T, pt, 2, 2, C', H+1, W+1)
         # phase (a, b) reads the padded grid from offset (a, b): rows a .. a+H-1 of the conv's output
@@ -170,7 +199,13 @@ class Upsample(nn.Module):
         return out.reshape(b, -1, t * self.time_factor, 2 * h, 2 * w)  # (B, C', T * factor, 2H, 2W)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain computation: repeat frames, upsample, conv (what `forward` equals)."""
+        """The plain computation: repeat frames, upsample, conv (what `forward` equals); untied, each new frame's own
+        2-tap causal conv over the upsampled original frames, the new frames interleaved."""
+        if self.untied_frames:
+            x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T, 2H, 2W)
+            x = torch.cat([x[:, :, :1], x], dim=2)  # (B, C, 1 + T, 2H, 2W): the first frame as causal padding
+            new = [F.conv3d(x, self.frame_weight[p], self.frame_bias[p], padding=(0, 1, 1)) for p in (0, 1)]
+            return torch.stack(new, 3).flatten(2, 3)  # (B, C', 2T, 2H, 2W)
         x = x.repeat_interleave(self.time_factor, dim=2)  # (B, C, T * factor, H, W)
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")  # (B, C, T * factor, 2H, 2W)
         return self.conv(x)  # (B, C, T * factor, 2H, 2W)
@@ -185,7 +220,8 @@ def causal_lookback(module: nn.Module) -> Fraction:
     lookback, span = Fraction(0), Fraction(1)
     for layer in module.modules():
         if isinstance(layer, Upsample):
-            span /= layer.time_factor
+            lookback += span if layer.untied_frames else 0  # its (prev, this) kernels: one input frame back
+            span /= layer.time_factor  # a tied one's conv counts below, at the new frames' rate
         elif isinstance(layer, CausalConv3d):
             lookback += layer.time_pad * span
             span *= layer.time_stride
@@ -225,6 +261,7 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         decoder_block_out_channels: tuple | None = None,
         decoder_layers_per_block: int | None = None,
         decoder_latent_temporal_kernel_size: int | None = None,
+        decoder_untied_frames: bool = False,
     ):
         super().__init__()
         channels, flags = list(block_out_channels), [bool(f) for f in temporal_downsample]
@@ -266,11 +303,14 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         # Its layers at the latents' resolution (input conv, mid block, first stage) may look further back in time
         # (decoder_latent_temporal_kernel_size, None: kt): there a temporal conv is cheap, and earlier latent frames
         # show the same object again, more evidence of its shape than one latent frame holds.
+        # With decoder_untied_frames each frame a temporal upsampling makes has its own kernel (see Upsample): one
+        # latent frame holds four video frames, and a quickly moving object is in four places across them.
         lt = decoder_latent_temporal_kernel_size or kt
+        upsample = partial(Upsample, untied_frames=decoder_untied_frames)
         self.decoder = nn.Sequential(
             CausalConv3d(latent_channels, decoder_channels[-1], (lt, 3, 3)),
             ResBlock(decoder_channels[-1], decoder_channels[-1], lt),  # mid block
-            *stages(decoder_channels[::-1], decoder_layers, Upsample, flags[::-1], kt, first_kt=lt),
+            *stages(decoder_channels[::-1], decoder_layers, upsample, flags[::-1], kt, first_kt=lt),
             *head(decoder_channels[0], in_channels, kt),
         )
         t_c = self.temporal_compression

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .autoencoder import StreamDiTAutoencoder
+from .autoencoder import StreamDiTAutoencoder, Upsample
 from .data import VOCABULARY, caption, render, sample_batch, to_video
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
@@ -64,6 +64,7 @@ def new_vae(args):
         temporal_kernel_size=1,
         decoder_block_out_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
         decoder_layers_per_block=args.decoder_layers,
+        decoder_untied_frames=args.decoder_untied_frames,
     )
 
 
@@ -486,8 +487,12 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
 
 def train_vae(args):
     """A new autoencoder, or with --vae-init one trained further, encoder and decoder together (its latents then
-    move, so a DiT must be trained or fine-tuned on them afterwards)."""
+    move, so a DiT must be trained or fine-tuned on them afterwards). --decoder-untied-frames unties a saved one's."""
     vae = new_vae(args) if args.vae_init is None else StreamDiTAutoencoder.from_pretrained(args.vae_init)
+    if args.decoder_untied_frames and not vae.config.decoder_untied_frames:
+        untied = StreamDiTAutoencoder(**{**vae.config, "decoder_untied_frames": True})
+        load_inflated(untied, untie_frames(untied, vae.state_dict()))
+        vae = untied
     fit_autoencoder(args, vae, "vae", args.vae_steps, normalise=True)
 
 
@@ -495,27 +500,41 @@ def train_decoder(args):
     """Fine-tunes only the decoder: sharper frames from the same latents, so a DiT trained on them stays valid.
     The latent normalisation is kept. With --decoder-channels or --decoder-layers unlike the saved decoder's, a new
     (wider or deeper) decoder is trained from scratch behind the saved encoder; with only a longer
-    --decoder-latent-temporal-kernel, the saved decoder is trained on with its grown kernels (`load_inflated`)."""
+    --decoder-latent-temporal-kernel or --decoder-untied-frames, the saved decoder is trained on with its grown or
+    untied kernels (`load_inflated`, `untie_frames`): it starts out drawing what it drew."""
     vae = StreamDiTAutoencoder.from_pretrained(Path(args.output_dir) / "vae")
     cfg = vae.config
     saved = {"decoder_block_out_channels": tuple(cfg.decoder_block_out_channels or cfg.block_out_channels),
              "decoder_layers_per_block": cfg.decoder_layers_per_block or cfg.layers_per_block,
-             "decoder_latent_temporal_kernel_size": cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size}
-    kernel = args.decoder_latent_temporal_kernel
-    wanted = {"decoder_block_out_channels": tuple(args.decoder_channels or saved["decoder_block_out_channels"]),
-              "decoder_layers_per_block": args.decoder_layers or saved["decoder_layers_per_block"],
-              "decoder_latent_temporal_kernel_size": saved["decoder_latent_temporal_kernel_size"] if kernel is None
-              else kernel}
+             "decoder_latent_temporal_kernel_size": cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size,
+             "decoder_untied_frames": cfg.decoder_untied_frames}
+    asked = {"decoder_block_out_channels": args.decoder_channels and tuple(args.decoder_channels),
+             "decoder_layers_per_block": args.decoder_layers,
+             "decoder_latent_temporal_kernel_size": args.decoder_latent_temporal_kernel,
+             "decoder_untied_frames": args.decoder_untied_frames or None}
+    wanted = {k: saved[k] if asked[k] is None else asked[k] for k in saved}
     same_stages = all(wanted[k] == saved[k] for k in ("decoder_block_out_channels", "decoder_layers_per_block"))
     if wanted != saved:
         rebuilt = StreamDiTAutoencoder(**{**vae.config, **wanted})
-        if same_stages:
-            load_inflated(rebuilt, vae.state_dict())  # the same decoder, its kernels grown: it starts as the saved one
+        if same_stages:  # the same decoder, its kernels grown or untied: it starts as the saved one
+            load_inflated(rebuilt, untie_frames(rebuilt, vae.state_dict()))
         else:
             rebuilt.encoder.load_state_dict(vae.encoder.state_dict())  # a new decoder, from scratch
         vae = rebuilt
     vae.encoder.requires_grad_(False)
     fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipeline(args, vae))
+
+
+def untie_frames(module, state):
+    """`state` with each tied temporal upsampling's conv, where `module` unties the new frames' kernels, in the untied
+    form that computes the same (`Upsample.untie`)."""
+    state = dict(state)
+    for name, layer in module.named_modules():
+        tied = f"{name}.conv.conv.weight"
+        if isinstance(layer, Upsample) and layer.untied_frames and tied in state:
+            weight, bias = Upsample.untie(state.pop(tied), state.pop(f"{name}.conv.conv.bias"))
+            state[f"{name}.frame_weight"], state[f"{name}.frame_bias"] = weight, bias
+    return state
 
 
 def load_inflated(module, state):
@@ -691,6 +710,9 @@ def parse_args(argv=None):
     p.add_argument("--decoder-latent-temporal-kernel", type=int, default=None,
                    help="temporal kernel of the decoder's layers at the latents' resolution (default: saved); a "
                         "longer one than saved starts from the saved decoder, its earlier taps zero")
+    p.add_argument("--decoder-untied-frames", action="store_true",
+                   help="give each video frame a temporal upsampling makes its own kernel (untied from its pair's); "
+                        "the saved decoder's tied kernels become the untied ones that draw the same")
     p.add_argument("--decoder-latent-frames", type=int, default=2,
                    help="latent frames of each redrawn clip the decoder learns to draw (with --redraw-with)")
     # DiT

@@ -218,6 +218,48 @@ def test_upsample_at_low_resolution_equals_upsampling_then_conv(temporal):
 
 
 @torch.no_grad()
+def test_untied_frames_upsample_equals_its_plain_computation_and_starts_as_the_tied_one():
+    """Untied, each new frame has its own (prev, this) kernel: the phase-folded forward equals the two causal convs
+    over the upsampled frames, interleaved; `untie` of a tied conv draws exactly what it drew; and a tied Upsample
+    cannot make its two frames differ except through (this - prev), which an untied one can."""
+    from streamdit.autoencoder import Upsample
+
+    torch.manual_seed(0)
+    tied = Upsample(6, True)
+    torch.nn.init.normal_(tied.conv.conv.bias)
+    untied = Upsample(6, True, untied_frames=True)
+    x = torch.randn(2, 6, 5, 4, 7)
+    weight, bias = Upsample.untie(tied.conv.conv.weight, tied.conv.conv.bias)
+    untied.frame_weight.copy_(weight), untied.frame_bias.copy_(bias)
+    torch.testing.assert_close(untied(x), tied(x), rtol=0, atol=1e-5)
+    torch.nn.init.normal_(untied.frame_weight), torch.nn.init.normal_(untied.frame_bias)
+    out = untied(x)
+    assert out.shape == (2, 6, 10, 8, 14)
+    torch.testing.assert_close(out, untied.reference(x), rtol=0, atol=1e-4)
+    still = x[:, :, :1].expand(-1, -1, 5, -1, -1)  # a frame held still: this - prev = 0
+    torch.testing.assert_close(tied(still)[:, :, 2], tied(still)[:, :, 3], rtol=0, atol=1e-5)  # one frame twice
+    assert (untied(still)[:, :, 2] - untied(still)[:, :, 3]).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_untied_frames_keep_chunked_decoding_exact():
+    torch.manual_seed(0)
+    config = dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), temporal_downsample=(False, True, True),
+                  temporal_kernel_size=1)
+    vae = StreamDiTAutoencoder(**config, decoder_untied_frames=True).eval()
+    plain = StreamDiTAutoencoder(**config).eval()
+    assert vae.decoder_context_frames == plain.decoder_context_frames
+    assert [p.shape for p in vae.encoder.parameters()] == [p.shape for p in plain.encoder.parameters()]
+    latents = torch.randn(1, 4, 9, 2, 2)
+    whole = vae.decode(latents)
+    cache, parts = CausalCache(), []
+    for start, end in [(0, 2), (2, 3), (3, 9)]:
+        parts.append(vae.decode(latents[:, :, start:end], cache))
+        cache = CausalCache(cache.next)
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
 def test_decoder_looks_further_back_at_the_latents_resolution():
     """decoder_latent_temporal_kernel_size sets the temporal kernel of the decoder's input conv, mid block and first
     stage only (the layers at the latents' resolution); the encoder and the rest keep theirs, and cached chunked

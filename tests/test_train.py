@@ -526,6 +526,34 @@ def test_a_grown_temporal_kernel_starts_as_the_saved_decoder():
         load_inflated(saved, grown.state_dict())  # a kernel does not shrink
 
 
+def test_a_decoder_with_untied_frames_starts_as_the_saved_one_and_trains_behind_the_same_encoder(run, tmp_path):
+    """--decoder-untied-frames turns the saved decoder's tied temporal upsamplings into untied ones that draw the
+    same (`untie_frames`), then trains the decoder alone."""
+    from streamdit import StreamDiTAutoencoder
+    from streamdit.train import load_inflated, untie_frames
+
+    saved = StreamDiTAutoencoder.from_pretrained(run / "vae").eval()
+    untied = StreamDiTAutoencoder(**{**saved.config, "decoder_untied_frames": True}).eval()
+    load_inflated(untied, untie_frames(untied, saved.state_dict()))
+    latents = torch.randn(1, saved.config.latent_channels, 3, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(untied.decode(latents), saved.decode(latents), rtol=0, atol=1e-5)
+
+    out = tmp_path / "untied"
+    shutil.copytree(run / "vae", out / "vae")
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "2", "--decoder-untied-frames", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    assert after.config.decoder_untied_frames
+    for name, p in saved.encoder.state_dict().items():
+        assert torch.equal(p, after.encoder.state_dict()[name]), name  # same latent space
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", *TINY])  # stays untied
+    assert StreamDiTAutoencoder.from_pretrained(out / "vae").config.decoder_untied_frames
+    whole = tmp_path / "untied-vae"  # the vae stage unties a saved autoencoder too, and trains it whole
+    main(["--stage", "vae", "--output-dir", str(whole), "--vae-steps", "1", "--vae-init", str(run / "vae"),
+          "--decoder-untied-frames", *TINY])
+    assert StreamDiTAutoencoder.from_pretrained(whole / "vae").config.decoder_untied_frames
+
+
 def test_a_decoder_with_a_longer_latent_kernel_trains_on_redrawn_windows(run, tmp_path):
     from streamdit import StreamDiTAutoencoder
 
