@@ -86,9 +86,9 @@ class TeacherStreams:
         captions = [caption(sample_scene(rng), rng) for _ in range(self.batch_size)]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         state = self.pipe.prepare_stream(captions, micro_steps=self.micro_steps, guidance_scale=self.guidance_scale,
-                                         generator=generator, switch_strength=0.0)
+                                         generator=generator, switch_strength=0.0, warmup_chunks=0)
         released = None
-        while released is None:  # the start-up: a uniform generation until chunk 0 is clean
+        while released is None:  # the start-up: a uniform generation until chunk 0 is clean (the student learns it)
             state, released = self.pipe.advance(state)
         return state
 
@@ -209,7 +209,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         scheduler.register_to_config(micro_steps=s_student)
         student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0,
-                                         switch_strength=pipe.config.switch_strength)
+                                         switch_strength=pipe.config.switch_strength,
+                                         warmup_chunks=pipe.config.warmup_chunks)
         student_pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved the student pipeline to {out / 'pipeline'}")
 

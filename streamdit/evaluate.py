@@ -279,6 +279,8 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--switch-strength", type=float, default=None,
                    help="how far a prompt switch takes the buffer back (default: the model's stored value)")
+    p.add_argument("--warmup-chunks", type=int, default=None,
+                   help="chunks a stream makes and drops after its start-up (default: the model's stored value)")
     p.add_argument("--shift", type=float, default=None,
                    help="the noise-level grid's timestep shift (default: the model's scheduler config)")
     p.add_argument("--reconstructions", type=int, default=0,
@@ -298,13 +300,15 @@ def main(argv=None):
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     options = {k: v for k, v in dict(chunk_size=args.chunk_size, micro_steps=args.micro_steps,
                                       guidance_scale=args.guidance_scale,
-                                      switch_strength=args.switch_strength).items() if v is not None}
+                                      switch_strength=args.switch_strength,
+                                      warmup_chunks=args.warmup_chunks).items() if v is not None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = random_prompts(args.prompts, args.seed)
     rows, samples = evaluate_adherence(pipe, prompts, args.seconds, args.seed, **options)
     results = {"model": args.model, "shift": pipe.scheduler.config.shift,
-               "switch_strength": options.get("switch_strength", pipe.config.switch_strength), "prompts": len(prompts),
+               "switch_strength": options.get("switch_strength", pipe.config.switch_strength),
+               "warmup_chunks": options.get("warmup_chunks", pipe.config.warmup_chunks), "prompts": len(prompts),
                **summarise(rows)}
     for window in args.windows:
         first = summarise(score_streams(prompts, samples, window))

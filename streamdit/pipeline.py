@@ -81,6 +81,7 @@ class StreamState:
     denoise_seconds: float = 0.0  # since the last release
     switch_strength: float = 0.0  # how far a prompt switch takes the buffer back (see `set_prompt`)
     switched_from: list[str] | None = None  # the last micro step's prompt, while a set_prompt waits for the next one
+    warmup_chunks: int = 0  # releases still to drop after the start-up (see `prepare_stream`)
     # video-to-video (None for text-to-video)
     strength: float = 1.0
     video_pending: np.ndarray | None = None  # (f, Hv, Wv, 3) uint8 input frames not yet in the buffer
@@ -205,7 +206,8 @@ class StreamDiTPipeline(DiffusionPipeline):
     Components: `transformer` (StreamDiTTransformer3DModel), `scheduler` (StreamDiTScheduler, holding the default
     partition), `vae` (StreamDiTAutoencoder), `text_encoder` (StreamDiTTextEncoder), `tokenizer`
     (PreTrainedTokenizerFast). `guidance_scale` is the model's default classifier-free guidance (1.0 = off),
-    `switch_strength` its default for prompt switches in a stream (0.0 = the paper's; see `prepare_stream`).
+    `switch_strength` its default for prompt switches in a stream (0.0 = the paper's; see `prepare_stream`),
+    `warmup_chunks` how many chunks a text-to-video stream makes and drops after its start-up (0 = none).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -219,12 +221,15 @@ class StreamDiTPipeline(DiffusionPipeline):
         tokenizer,
         guidance_scale: float = 1.0,
         switch_strength: float = 0.0,
+        warmup_chunks: int = 0,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
-        self.register_to_config(guidance_scale=guidance_scale, switch_strength=switch_strength)
+        self.register_to_config(
+            guidance_scale=guidance_scale, switch_strength=switch_strength, warmup_chunks=warmup_chunks
+        )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         # A fast tokenizer raises "Already borrowed" when two threads use it at once (a pipelined stream's denoiser
         # encoding while the caller's set_prompt checks): one at a time.
@@ -311,6 +316,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         overlapped_decoding: bool = True,
         video_complete: bool = True,
         switch_strength: float | None = None,
+        warmup_chunks: int | None = None,
     ) -> StreamState:
         """A fresh stream: the buffer full of noise at level 0 (the start-up generation happens in `advance`).
 
@@ -319,6 +325,10 @@ class StreamDiTPipeline(DiffusionPipeline):
         through `feed_video`. `switch_strength` in [0, 1]: at a prompt switch every frame of the buffer goes this
         fraction of its T micro steps back towards noise (SDEdit of the buffer), which costs up to that many extra
         micro steps once; 0 is the paper's switch, where the new prompt conditions only the remaining micro steps.
+        `warmup_chunks`: chunks a text-to-video stream makes after its start-up and drops unshown, so that the first
+        chunk shown was denoised in the buffer among streamed chunks rather than in the start-up's uniform generation
+        (the start-up's frames hold direction and speed less well: README). Each costs s micro steps before the first
+        frame. Video-to-video streams show every input frame, so they take none (the model's default is not applied).
         """
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
@@ -328,6 +338,12 @@ class StreamDiTPipeline(DiffusionPipeline):
         prompts = self.check_inputs(prompt, height, width, None, guidance_scale, partition)
         if not _is_number(switch_strength) or not 0.0 <= switch_strength <= 1.0:
             raise ValueError(f"switch_strength={switch_strength!r} must be a number in [0, 1] (0: the paper's switch)")
+        if warmup_chunks is None:
+            warmup_chunks = 0 if video is not None else self.config.warmup_chunks
+        if not isinstance(warmup_chunks, numbers.Integral) or isinstance(warmup_chunks, bool) or warmup_chunks < 0:
+            raise ValueError(f"warmup_chunks={warmup_chunks!r} must be an integer >= 0")
+        if warmup_chunks and video is not None:
+            raise ValueError(f"warmup_chunks={warmup_chunks} would drop input frames: video-to-video takes 0")
         if negative_prompt is None:
             negative_prompt = ""
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -354,6 +370,7 @@ class StreamDiTPipeline(DiffusionPipeline):
             overlapped_decoding=overlapped_decoding,
             strength=float(strength),
             switch_strength=float(switch_strength),
+            warmup_chunks=int(warmup_chunks),
         )
         if video is not None:
             if len(prompts) != 1:
@@ -467,7 +484,11 @@ class StreamDiTPipeline(DiffusionPipeline):
         state.denoise_seconds += time.perf_counter() - start
         if not buffer.chunk_done():
             return state, None
-        return state, buffer.release(self._fresh_chunk(state))
+        released = buffer.release(self._fresh_chunk(state))
+        if state.warmup_chunks > 0:  # a warm-up chunk: made, never shown
+            state.warmup_chunks -= 1
+            return state, None
+        return state, released
 
     @torch.no_grad()
     def decode_latents(self, latents, cache: CausalCache | None = None):
@@ -564,6 +585,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        warmup_chunks: int | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -590,11 +612,11 @@ class StreamDiTPipeline(DiffusionPipeline):
         # 2. The stream state: prompt checks, noise buffer
         state = self.prepare_stream(
             prompt, negative_prompt, height, width, chunk_size, micro_steps, reference_frames, guidance_scale,
-            generator, latents, overlapped_decoding=False,
+            generator, latents, overlapped_decoding=False, warmup_chunks=warmup_chunks,
         )
         # 3. Micro steps until enough latent frames are released
         chunks_needed = -(-num_frames // (partition.chunk_size * t))
-        total = partition.num_steps + (chunks_needed - 1) * partition.micro_steps
+        total = partition.num_steps + (chunks_needed - 1 + state.warmup_chunks) * partition.micro_steps
         released = []
         with self.progress_bar(total=total) as progress:
             while len(released) < chunks_needed:

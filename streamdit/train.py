@@ -649,7 +649,8 @@ def train_dit(args):
         if args.stream_shift is not None:
             scheduler = StreamDiTScheduler.from_config(scheduler.config, shift=args.stream_shift)
         pipe = StreamDiTPipeline(transformer.eval(), scheduler, vae, text_encoder.eval(), tokenizer,
-                                 guidance_scale=args.guidance_scale, switch_strength=args.switch_strength)
+                                 guidance_scale=args.guidance_scale, switch_strength=args.switch_strength,
+                                 warmup_chunks=args.warmup_chunks)
         pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved the pipeline to {out / 'pipeline'}")
 
@@ -744,6 +745,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--switch-strength", type=float, default=0.0,
                    help="the exported pipeline's prompt switch strength (0: the paper's switch), a stream default too")
+    p.add_argument("--warmup-chunks", type=int, default=0,
+                   help="the exported pipeline's warm-up: chunks a stream makes and drops after its start-up")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the flow-matching loss up by this much on latents near the object (0: plain Eq. 5)")

@@ -495,6 +495,38 @@ def test_the_shipped_model_follows_a_switch_from_red_to_blue():
         assert (blue >= 0.8) == expected, f"switch_strength={strength}: blue in {blue:.0%} of the frames"
 
 
+def test_warmup_chunks_are_made_and_dropped(pipe):
+    # the warm-up stream is the plain stream without its first chunks: the same latents, chunk for chunk
+    plain = pipe(PROMPT, num_frames=40, generator=seeded(), output_type="latent").frames  # (1, C, 10, H, W)
+    warm = pipe(PROMPT, num_frames=24, generator=seeded(), output_type="latent", warmup_chunks=2).frames
+    assert warm.shape[2] == 6 and torch.equal(warm, plain[:, :, 4:])
+    stream = pipe.stream(PROMPT, generator=seeded(), warmup_chunks=2, pipelined=False)
+    first = next(stream)
+    assert (first.index, first.start_frame) == (0, 0) and first.frames.shape == (8, 16, 16, 3)
+    assert stream.state.micro_step == 8 + 2 * 2  # the start-up's chunk and the next are dropped, the third shown
+    # the first chunk shown has no decoded past, as a stream's first chunk never has
+    expected = pipe.decode_latents(plain[:, :, 4:6])[0].permute(1, 2, 3, 0).clamp(-1, 1)
+    assert np.abs(first.frames - ((expected + 1) * 127.5).round().numpy()).max() <= 1
+    stream.close()
+
+
+def test_the_model_default_warmup_applies_to_text_to_video_only(pipe):
+    pipe.register_to_config(warmup_chunks=3)
+    assert pipe.prepare_stream(PROMPT).warmup_chunks == 3
+    assert pipe.prepare_stream(PROMPT, warmup_chunks=0).warmup_chunks == 0
+    assert pipe.prepare_stream(PROMPT, video=smooth_video(32)).warmup_chunks == 0  # every input frame is shown
+    with pytest.raises(ValueError, match="warmup_chunks=1 would drop input frames"):
+        pipe.prepare_stream(PROMPT, video=smooth_video(32), warmup_chunks=1)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True, None])
+def test_bad_warmup_chunks_raises_value_error(pipe, value):
+    if value is None:  # None is the model's default, which must itself be checked
+        pipe.register_to_config(warmup_chunks=-2)
+    with pytest.raises(ValueError, match="warmup_chunks="):
+        pipe.prepare_stream(PROMPT, warmup_chunks=value)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "0.5", True, None])
 def test_bad_switch_strength_raises_value_error(pipe, value):
     if value is None:  # None is the model's default, which must itself be checked
@@ -504,7 +536,7 @@ def test_bad_switch_strength_raises_value_error(pipe, value):
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):
-    pipe.register_to_config(guidance_scale=2.0, switch_strength=0.25)
+    pipe.register_to_config(guidance_scale=2.0, switch_strength=0.25, warmup_chunks=1)
     pipe.save_pretrained(tmp_path)
     loaded = StreamDiTPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -514,6 +546,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config) and loaded.config.guidance_scale == 2.0
     assert loaded.config.switch_strength == 0.25 and loaded.prepare_stream(PROMPT).switch_strength == 0.25
+    assert loaded.prepare_stream(PROMPT).warmup_chunks == 1
     assert loaded.tokenizer(PROMPT).input_ids == pipe.tokenizer(PROMPT).input_ids
     a = pipe(PROMPT, negative_prompt="a blue square", num_frames=8, generator=seeded()).frames
     assert np.array_equal(a, loaded(PROMPT, negative_prompt="a blue square", num_frames=8, generator=seeded()).frames)
