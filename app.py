@@ -32,6 +32,7 @@ from streamdit.video import VideoWriter, read_video
 
 SEGMENT_SECONDS = 1.0  # length of each MPEG-TS segment sent to the player
 MAX_SECONDS = 600  # the longest stream a visitor can ask for
+MAX_WARMUP = 32  # warm-up chunks: 16 s of video at the built-in model's chunk size, made before the first frame
 CLIP_LIFETIME = 600  # seconds a /generate file stays on disk
 EXAMPLES = Path(__file__).parent / "examples" / "prompts.txt"
 
@@ -182,31 +183,34 @@ def write_segment(folder, name, start_frame, pending):
     return path
 
 
-def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength, live):
+def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength, live,
+                 warmup_chunks=None):
     """Checks the inputs and prepares the stream state; returns it with the schedule."""
     schedule = check_schedule(prompt, schedule)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
     options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength)
+    warmup_chunks = PIPE.config.warmup_chunks if warmup_chunks is None else warmup_chunks
+    options["warmup_chunks"] = check_number("warmup_chunks", warmup_chunks, 0, MAX_WARMUP, integer=True)
     if live is not None:
         live["prompt"] = schedule[0][1]
     return PIPE.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
 
 
 def stream(prompt, seed=0, schedule="", max_seconds=30, chunk_size=None, micro_steps=None, guidance_scale=None,
-           switch_strength=None, live=None):
+           switch_strength=None, warmup_chunks=None, live=None):
     """Streams video for `prompt` (or a prompt schedule "0: ... | 4: ..."), about one MPEG-TS segment per second."""
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
     state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
-                                   live)
+                                   live, warmup_chunks)
     yield from segments(chunks(state, schedule, max_seconds, live))
 
 
 def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_steps=None, guidance_scale=None,
-             switch_strength=None):
+             switch_strength=None, warmup_chunks=None):
     """A finished .mp4 of `seconds` seconds (a prompt schedule applies here too)."""
     seconds = check_number("seconds", seconds, 1, 120)
     state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
-                                   None)
+                                   None, warmup_chunks)
     clips = Path(tempfile.gettempdir()) / "generated-clips"
     clips.mkdir(exist_ok=True)
     for old in clips.glob("*.mp4"):  # Gradio keeps its own copy of a returned file: ours can go after a while
@@ -317,7 +321,11 @@ def build_demo():
             switch = gr.Slider(0.0, 1.0, value=switch_default, step=0.125, label="Prompt switch strength",
                                info="how much of the buffer a new prompt redraws: 0 is the paper's smooth switch; "
                                     "more follows it sooner, after a short pause")
-        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, live],
+            warmup = gr.Slider(0, MAX_WARMUP, value=PIPE.config.warmup_chunks, step=1,
+                               label="Warm-up chunks (text to video)",
+                               info="chunks made and dropped before the first frame: the first frames shown are "
+                                    "then streamed ones, which follow the prompt better; 0 shows the first sooner")
+        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, warmup, live],
                               [video, status], api_name="stream")
         update.click(update_prompt, [prompt, live], live, api_name=False)
         prompt.submit(update_prompt, [prompt, live], live, api_name=False)
@@ -331,7 +339,8 @@ def build_demo():
         with gr.Group(visible=False):  # /generate is for API users: a finished .mp4 of a given length
             clip_seconds = gr.Number(value=4, label="seconds")
             clip = gr.Video(label="clip")
-            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance, switch],
+            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance, switch,
+                                                   warmup],
                                         clip, api_name="generate")
     return demo
 

@@ -259,6 +259,9 @@ def first_output(function, **kwargs):
         ("stream", dict(guidance_scale=20.5), "guidance_scale=20.5 "),
         ("stream", dict(switch_strength=-0.5), "switch_strength=-0.5 "),
         ("stream", dict(switch_strength=1.5), "switch_strength=1.5 "),
+        ("stream", dict(warmup_chunks=-1), "warmup_chunks=-1 "),
+        ("stream", dict(warmup_chunks=1.5), "warmup_chunks=1.5 must be an integer"),
+        ("generate", dict(warmup_chunks=33), "warmup_chunks=33 "),
         ("stream", dict(schedule="4: a blue square moving up"), "not at 4 s"),
         ("stream", dict(schedule="zero: a blue square moving up"), "'zero: a blue square moving up'"),
         ("stream", dict(schedule="0: a red circle | 2: "), "entry '2:'"),
@@ -377,6 +380,20 @@ def test_stream_options_default_to_the_models_own(app, monkeypatch):
     assert (state.guidance_scale, state.switch_strength) == (2.5, 0.625)
     state, _ = app.start_stream("a red circle moving left", 0, "", None, None, 1.0, 0.0, None)
     assert (state.guidance_scale, state.switch_strength) == (1.0, 0.0)
+
+
+def test_the_warmup_defaults_to_the_models_own_and_reaches_the_stream(app, monkeypatch):
+    pipe = tiny_pipeline()
+    pipe.register_to_config(warmup_chunks=2)
+    monkeypatch.setattr(app, "PIPE", pipe)
+    assert app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)[0].warmup_chunks == 2
+    ours = np.concatenate([out for out, _ in app.chunks(*app.start_stream(
+        "a red circle moving left", 3, "", None, None, None, None, None, 0), 2, None)])
+    stream = pipe.stream("a red circle moving left", generator=torch.Generator().manual_seed(3), warmup_chunks=0)
+    np.testing.assert_array_equal(ours, np.concatenate([next(stream).frames for _ in range(4)]))
+    warmed = np.concatenate([out for out, _ in app.chunks(*app.start_stream(
+        "a red circle moving left", 3, "", None, None, None, None, None), 2, None)])
+    assert np.abs(warmed.astype(float) - ours).mean() > 1  # two chunks dropped: other frames
 
 
 def denoiser_threads():
