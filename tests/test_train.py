@@ -315,6 +315,30 @@ def test_dit_init_into_a_new_latent_space_keeps_the_blocks_and_renews_the_latent
     assert next(iter(started.stream("a red circle moving left"))).frames.shape == (8, 32, 32, 3)
 
 
+def test_dit_init_at_a_smaller_patch_keeps_the_blocks_and_cuts_more_tokens(run, tmp_path):
+    out = tmp_path / "patch2"
+    shutil.copytree(run / "vae", out / "vae")
+    saved = StreamDiTPipeline.from_pretrained(run / "pipeline")
+    assert saved.transformer.config.patch_size == 1
+    args = ["--stage", "dit", "--output-dir", str(out), "--steps", "0", *TINY, "--dit-init", str(run / "pipeline")]
+    with pytest.raises(ValueError, match="--patch-size 2 renews .* --new-latent-space"):
+        main([*args, "--patch-size", "2"])
+    with pytest.raises(ValueError, match="--patch-size 3 must divide the latents' side, 4"):
+        main([*args, "--new-latent-space", "--patch-size", "3"])
+    main([*args, "--new-latent-space", "--patch-size", "2"])
+    started = StreamDiTPipeline.from_pretrained(out / "pipeline")
+    assert started.transformer.config.patch_size == 2 and started.transformer.x_embedder.kernel_size == (1, 2, 2)
+    theirs = saved.transformer.state_dict()
+    for name, p in started.transformer.state_dict().items():
+        if not name.startswith(("x_embedder.", "final_layer.linear.")):
+            assert torch.equal(p, theirs[name]), name  # blocks, timestep and text layers as saved
+    assert not started.transformer.final_layer.linear.weight.any()
+    latents = torch.randn(1, 4, 4, 4, 4)  # (B, C, F, H, W): 2x2 tokens a frame instead of 4x4
+    prompt = started.encode_prompt(["a red circle moving left"])
+    velocity = started.transformer(latents, torch.rand(1, 4), *prompt).sample
+    assert velocity.shape == latents.shape
+
+
 def test_object_weights_mark_latents_that_differ_from_their_frames_background():
     x1 = torch.randn(2, 4, 3, 1, 1).expand(2, 4, 3, 8, 8).clone()  # each frame one background latent
     x1[0, 2, 1, 2:4, 5:7] += 1.0  # an object in one channel of one frame
