@@ -595,6 +595,8 @@ def new_dit(args, vae):
                              f"space: add --new-latent-space)")
         return transformer, tokenizer, text_encoder
     # the saved autoencoder, not --latent-channels, says what the DiT sees: the flag only shapes a new autoencoder
+    if args.patch_size is not None:
+        overrides["patch_size"] = args.patch_size
     transformer = from_preset(args.preset, in_channels=vae.config.latent_channels,
                               prediction_type=args.prediction_type,
                               sample_size=(args.buffer_frames, args.side // vae.spatial_compression,
@@ -611,9 +613,6 @@ def with_new_latent_layers(transformer, latent_channels, patch_size=None):
     weights: a 4x4-latent token draws a whole small square's corners from one vector."""
     renewed = ("x_embedder.", "final_layer.linear.", "refiner.")
     patch_size = patch_size or transformer.config.patch_size
-    latent_side = transformer.config.sample_size[1]
-    if patch_size < 1 or latent_side % patch_size:
-        raise ValueError(f"--patch-size {patch_size} must divide the latents' side, {latent_side}")
     new = StreamDiTTransformer3DModel.from_config(transformer.config, in_channels=latent_channels, out_channels=None,
                                                   patch_size=patch_size)
     kept = {name: value for name, value in transformer.state_dict().items() if not name.startswith(renewed)}
@@ -738,8 +737,8 @@ def parse_args(argv=None):
                    help="with --dit-init: the autoencoder here is not the one that DiT learned; keep its blocks and "
                         "text side, start its patch embedding and final projection afresh for these latents")
     p.add_argument("--patch-size", type=int, default=None,
-                   help="with --dit-init and --new-latent-space: cut the latents into patches of this side instead "
-                        "of the saved DiT's (its blocks kept, its token layers new)")
+                   help="the DiT's spatial patch in latents (default: the preset's); with --dit-init it needs "
+                        "--new-latent-space: the saved DiT's blocks kept, its token layers new")
     p.add_argument("--refiner-channels", type=int, default=None,
                    help="add a LatentRefiner of this width after the DiT's final layer (default: --dit-init's, else "
                         "none); a new refiner starts as the identity")

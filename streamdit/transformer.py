@@ -277,6 +277,11 @@ class StreamDiTTransformer3DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"refiner_channels={refiner_channels} must be 0 (no refiner) or more")
         if len(window_size) != 3 or min(window_size) < 1:
             raise ValueError(f"window_size={window_size} must be three positive sizes (frames, height, width)")
+        if patch_size < 1 or sample_size[1] % patch_size or sample_size[2] % patch_size:
+            # checked here, not only at the first forward: a model built with a patch that cannot tile its own
+            # buffer's frames would otherwise be saved, shipped or trained before anything notices
+            raise ValueError(f"patch_size={patch_size} must divide the latent frame of "
+                             f"sample_size={tuple(sample_size)}")
         self.out_channels = out_channels or in_channels
         self.x_embedder = nn.Conv3d(in_channels, hidden_size, (1, patch_size, patch_size), (1, patch_size, patch_size))
         self.t_embedder = TimestepEmbedder(hidden_size)

@@ -323,7 +323,7 @@ def test_dit_init_at_a_smaller_patch_keeps_the_blocks_and_cuts_more_tokens(run, 
     args = ["--stage", "dit", "--output-dir", str(out), "--steps", "0", *TINY, "--dit-init", str(run / "pipeline")]
     with pytest.raises(ValueError, match="--patch-size 2 renews .* --new-latent-space"):
         main([*args, "--patch-size", "2"])
-    with pytest.raises(ValueError, match="--patch-size 3 must divide the latents' side, 4"):
+    with pytest.raises(ValueError, match=r"patch_size=3 must divide the latent frame of sample_size=\(\d+, 4, 4\)"):
         main([*args, "--new-latent-space", "--patch-size", "3"])
     main([*args, "--new-latent-space", "--patch-size", "2"])
     started = StreamDiTPipeline.from_pretrained(out / "pipeline")
@@ -333,6 +333,10 @@ def test_dit_init_at_a_smaller_patch_keeps_the_blocks_and_cuts_more_tokens(run, 
         if not name.startswith(("x_embedder.", "final_layer.linear.")):
             assert torch.equal(p, theirs[name]), name  # blocks, timestep and text layers as saved
     assert not started.transformer.final_layer.linear.weight.any()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run / "vae", fresh / "vae")
+    main(["--stage", "dit", "--output-dir", str(fresh), "--steps", "0", *TINY, "--patch-size", "2"])
+    assert StreamDiTPipeline.from_pretrained(fresh / "pipeline").transformer.config.patch_size == 2  # not the preset's 1
     latents = torch.randn(1, 4, 4, 4, 4)  # (B, C, F, H, W): 2x2 tokens a frame instead of 4x4
     prompt = started.encode_prompt(["a red circle moving left"])
     velocity = started.transformer(latents, torch.rand(1, 4), *prompt).sample

@@ -193,6 +193,9 @@ def test_one_timestep_per_sample_is_shared_by_its_frames():
         (dict(window_size=(0, 2, 2)), r"window_size=\(0, 2, 2\)"),
         (dict(refiner_channels=8, out_channels=8), "refiner_channels=8 needs out_channels=8"),
         (dict(refiner_channels=-1), "refiner_channels=-1"),
+        (dict(patch_size=3), r"patch_size=3 must divide the latent frame of sample_size=\(8, 4, 4\)"),
+        (dict(patch_size=0), "patch_size=0"),
+        (dict(patch_size=2, sample_size=(8, 4, 5)), r"patch_size=2 .* sample_size=\(8, 4, 5\)"),
     ],
 )
 def test_bad_config_raises(overrides, message):
