@@ -633,6 +633,8 @@ def train_dit(args):
         raise ValueError(f"--decoded-crop {args.decoded_crop} must lie in [1, {latent_side}], the latents' side")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.compile:
+        transformer.compile()  # in place: its state dict, checkpoints and saved weights keep their names
     if args.train_refiner_only:
         if not transformer.config.refiner_channels:
             raise ValueError("--train-refiner-only needs a refiner: give --refiner-channels or a --dit-init with one")
@@ -769,6 +771,9 @@ def parse_args(argv=None):
     p.add_argument("--decoded-samples", type=int, default=8, help="samples a batch that the decoded loss decodes")
     p.add_argument("--decoded-crop", type=int, default=8, help="side, in latents, of the crop it decodes")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT: a minute or two of compiling, then faster steps (about 20%% on a "
+                        "2-core CPU at 512 tokens)")
     return p.parse_args(argv)
 
 

@@ -598,3 +598,21 @@ def test_a_decoder_with_a_longer_latent_kernel_trains_on_redrawn_windows(run, tm
     with pytest.raises(ValueError, match="latent_frames=5 must be between 1 and"):
         main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", "--redraw-with",
               str(run / "pipeline"), "--decoder-latent-frames", "5", *TINY])
+
+
+@pytest.mark.slow  # inductor compiles the tiny DiT's forward and backward: a minute or more on 2 cores
+def test_compiled_dit_trains_as_the_eager_one_and_shares_its_checkpoints(run, tmp_path):
+    # two runs of 2 eager steps, each resumed to step 4, one with --compile: the same losses and weights (up to the
+    # fused kernels' rounding), so the compiled module reads the eager checkpoints and saves under the eager names
+    eager, mixed = tmp_path / "eager", tmp_path / "mixed"
+    common = ["--stage", "dit", "--checkpoint-every", "2", *TINY]
+    for out, more in ((eager, []), (mixed, ["--compile"])):
+        shutil.copytree(run / "vae", out / "vae")
+        main([*common, "--output-dir", str(out), "--steps", "2"])
+        main([*common, "--output-dir", str(out), "--steps", "4", *more])
+    np.testing.assert_allclose(losses(mixed / "dit-loss.csv"), losses(eager / "dit-loss.csv"), rtol=1e-3)
+    theirs = StreamDiTPipeline.from_pretrained(eager / "pipeline").transformer.state_dict()
+    ours = StreamDiTPipeline.from_pretrained(mixed / "pipeline").transformer.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-4)
