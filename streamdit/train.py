@@ -7,7 +7,8 @@ Stage "vae": the causal video autoencoder, by pixel reconstruction (L1 + MSE, ob
 percent of the frame but all of the content). Its latents are then normalised to unit variance.
 Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its latents stays valid: sharper edges
 (--edge-weight), clean frames from noisy latents (--latent-noise), or the true frames from latents a trained DiT
-redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer),
+redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer)
+or streams (--stream-targets: the prompt's object, drawn where the stream shows it, from the stream's own latents),
 and a decoder that commits to a shape (--adversarial-weight: a patch discriminator's hinge loss, as image autoencoders
 are trained; a pixel loss alone pays a blend of square and circle for a latent that could be either).
 Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
@@ -36,7 +37,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .autoencoder import StreamDiTAutoencoder, Upsample
-from .data import VOCABULARY, caption, render, sample_batch, to_video
+from .data import (DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, caption, parse_caption, render,
+                   sample_batch, to_video)
+from .evaluate import majority, random_prompts, read_frame
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
 from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
@@ -206,6 +209,125 @@ def true_frames(scene, latent_start, latent_frames, t_c, side):
     """The video (3, latent_frames t_c, side, side) that latent frames latent_start .. of the scene's clip stand for:
     the autoencoder is causal, so latent frame j holds video frames t_c j .. t_c j + t_c - 1."""
     return to_video(render(scene, latent_frames * t_c, side, t_c * latent_start))
+
+
+STREAM_TARGET_SEED = 40000  # prompts and stream seeds 40000 + i, apart from the evaluation's (1000, 7000, 9000 + i)
+
+
+@torch.no_grad()
+def stream_latents(pipe, prompt, chunks, seed):
+    """The latents (C, chunks * c, h, w) of the first `chunks` chunks a stream of `prompt` shows, at the pipeline's
+    stored defaults and `seed` as `evaluate` streams it: what its decoder decodes in that stream."""
+    state = pipe.prepare_stream(prompt, generator=torch.Generator().manual_seed(seed))
+    released = []
+    while len(released) < chunks:
+        state, latents = pipe.advance(state)  # None until the buffer releases a chunk; warm-up chunks never show
+        if latents is not None:
+            released.append(latents.cpu())
+    return torch.cat(released, 2)[0]
+
+
+def fitted_scene(prompt, readings, first):
+    """The scene the frames `first`, `first` + 1, ... (their detector `readings`) should show: the prompt's object,
+    moving at the prompt's velocity from where the frames show it (the circular mean over the frames of each centre
+    moved back to frame 0), on the prompt's background. Unstated size and background are what the frames show. None
+    where the frames do not follow the prompt's colour or motion: an object missing from more than a quarter of
+    them, another colour, or centres more than about 4 px off one straight track."""
+    stated = parse_caption(prompt)
+    seen = [(first + t, r) for t, r in enumerate(readings) if r.centre is not None]
+    if len(seen) < 0.75 * len(readings) or majority(r.colour for _, r in seen) != stated["colour"]:
+        return None
+    dx, dy = DIRECTIONS[stated["direction"]]
+    step = SPEEDS[stated["speed"]]
+    x0, x_spread = circular_mean([r.centre[0] - dx * step * t for t, r in seen], SIDE)
+    y0, y_spread = circular_mean([r.centre[1] - dy * step * t for t, r in seen], SIDE)
+    if max(x_spread, y_spread) > 0.02:  # 1 - the mean resultant length; 0.02 is a spread of about 4 px
+        return None
+    size = stated.get("size") or majority(r.size for r in readings)
+    if stated["shape"] == "triangle":  # the detector's centre is the mask's centroid, d / 6 below a triangle's centre
+        y0 -= SIZES[size] / 6
+    # the detector counts pixels from their corner, the renderer from their centre
+    return Scene(stated["colour"], stated["shape"], size, stated["direction"], stated["speed"],
+                 stated.get("background") or majority(r.background for r in readings),
+                 (x0 + 0.5) % SIDE, (y0 + 0.5) % SIDE)
+
+
+def circular_mean(values, period):
+    """Mean of positions on a circle of length `period`, and their spread (1 - mean resultant length, 0 = all equal)."""
+    angles = np.asarray(values, np.float64) * (2 * math.pi / period)
+    s, c = np.sin(angles).mean(), np.cos(angles).mean()
+    return math.atan2(s, c) / (2 * math.pi) * period % period, 1.0 - math.hypot(s, c)
+
+
+class StreamTargets:
+    """The DiT's own stream latents, in windows of `latent_frames`, each with the video it should decode to.
+
+    A redraw (`redrawn_batch`) starts from a true clip's latents; a stream starts from noise and settles in its
+    buffer, so its latents are the ones a decoder meets in a stream, and no true clip stands behind them. Shapes
+    world stands in: the target is the prompt's object drawn by the renderer where the stream's decoded frames show
+    it (`fitted_scene`), so the decoder learns to draw the shape the prompt asked for from latents the DiT made for
+    it. Windows that do not follow the prompt's colour or motion are left out. `streams`: (prompt, latents (C, F, h,
+    w)) pairs; `decode`: the decoder that locates the objects (the one about to be trained).
+    """
+
+    def __init__(self, streams, decode, temporal_compression, spatial_compression, latent_frames=2):
+        self.t_c, self.s, self.windows = temporal_compression, spatial_compression, []
+        for prompt, latents in streams:
+            video = decode(latents[None])[0].clamp(-1, 1)  # (3, T, H, W)
+            frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            readings = [read_frame(f) for f in frames]
+            for j in range(latents.shape[1] - latent_frames + 1):
+                first, last = self.t_c * j, self.t_c * (j + latent_frames)
+                scene = fitted_scene(prompt, readings[first:last], first)
+                if scene is not None:
+                    self.windows.append((latents[:, j : j + latent_frames], scene, first))
+        self.side = frames.shape[1] if streams else SIDE
+        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, z in streams)
+
+    def batch(self, rng, batch_size, crop):
+        """-> latents (b, C, latent_frames, crop, crop) around the object (a latent or so off centre, at random) and
+        the video (b, 3, T, crop s, crop s) they should decode to; the world is a torus, so crops wrap."""
+        latents, videos = [], []
+        for k in rng.integers(len(self.windows), size=batch_size):
+            z, scene, first = self.windows[k]
+            video = to_video(render(scene, z.shape[1] * self.t_c, self.side, first))  # (3, T, H, W)
+            cx, cy = scene.centre(first + z.shape[1] * self.t_c // 2, self.side)
+            top = int(cy // self.s) - crop // 2 + int(rng.integers(-1, 2))
+            left = int(cx // self.s) - crop // 2 + int(rng.integers(-1, 2))
+            latents.append(torch.roll(z, (-top, -left), (-2, -1))[..., :crop, :crop])
+            video = torch.roll(video, (-top * self.s, -left * self.s), (-2, -1))
+            videos.append(video[..., : crop * self.s, : crop * self.s])
+        return torch.stack(latents), torch.stack(videos)
+
+
+def stream_targets(pipe, vae, args, device):
+    """`StreamTargets` from --stream-targets streams of --stream-seconds each by `pipe` (kept in
+    <output-dir>/stream-latents.pt, so a resumed run does not stream them again), located by `vae`'s decoder."""
+    chunk_size = pipe.scheduler.config.chunk_size
+    chunks = math.ceil(args.stream_seconds * FPS / (chunk_size * vae.temporal_compression))
+    prompts = random_prompts(args.stream_targets, STREAM_TARGET_SEED)
+    path = Path(args.output_dir) / "stream-latents.pt"
+    saved = torch.load(path) if path.exists() else {"prompts": [], "latents": []}
+    done = len(saved["prompts"])
+    if saved["prompts"] != prompts[:done] or any(z.shape[1] < chunks * chunk_size for z in saved["latents"]):
+        saved, done = {"prompts": [], "latents": []}, 0  # made for other prompts or shorter streams
+    for i in tqdm(range(done, len(prompts)), desc="streams", initial=done, total=len(prompts)):
+        saved["latents"].append(stream_latents(pipe, prompts[i], chunks, STREAM_TARGET_SEED + i))
+        saved["prompts"].append(prompts[i])
+        if (i + 1) % 10 == 0 or i + 1 == len(prompts):  # a resumed run streams at most ten again
+            torch.save(saved, path)
+    streams = [(p, z[:, : chunks * chunk_size]) for p, z in zip(prompts, saved["latents"])]
+    with torch.no_grad():
+        vae.eval()
+        targets = StreamTargets(streams, lambda z: vae.decode(z.to(device)).float().cpu(), vae.temporal_compression,
+                                vae.spatial_compression, args.decoder_latent_frames)
+        vae.train()
+    if not targets.windows:
+        raise ValueError(f"--stream-targets {args.stream_targets}: no window of {targets.candidates} in the streams "
+                         f"of {args.redraw_with} shows its prompt's object moving as asked; a DiT must draw the "
+                         f"object before its decoder can learn to draw it better")
+    print(f"stream targets: {len(targets.windows)} of {targets.candidates} windows follow their prompt")
+    return targets
 
 
 def dit_loss(models, batch, args, state):
@@ -440,7 +562,8 @@ def reconstruction_psnr(vae, device, side=128, clips=32, seed=12345):
 
 def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
     """Reconstruction training of the autoencoder's trainable parameters, then <output-dir>/vae and its PSNR. With
-    `redraw_pipe`, the decoder learns to draw the true frames from that DiT's redrawn latents (`redrawn_batch`)."""
+    `redraw_pipe`, the decoder learns to draw the true frames from that DiT's redrawn latents (`redrawn_batch`), or
+    with --stream-targets the prompt's object from that DiT's stream latents (`StreamTargets`)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # one per stage: a checkpoint holds its models
     out = Path(args.output_dir)
 
@@ -451,6 +574,18 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
 
         def reconstruct(trainable, batch, state):
             return reconstruct_crops(trainable[0], batch, args, state.rng)
+    elif args.stream_targets:
+        targets = stream_targets(redraw_pipe.to(accelerator.device), vae.to(accelerator.device), args,
+                                 accelerator.device)
+        crop = args.vae_crop // vae.spatial_compression
+
+        def make_batch(state):
+            latents, video = targets.batch(state.rng, args.batch_size, crop)
+            return latents.to(accelerator.device), video.to(accelerator.device)
+
+        def reconstruct(trainable, batch, state):
+            latents, video = batch
+            return trainable[0](latents=latents), video
     else:
         redraw_pipe.to(accelerator.device)
         pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
@@ -713,6 +848,11 @@ def parse_args(argv=None):
                         "decoder learns to draw the true frames from that DiT's latents, its errors included")
     p.add_argument("--redraw-noise", type=float, default=0.5,
                    help="redrawn latents start from noise level sigma ~ U[0, this] (1 = pure noise)")
+    p.add_argument("--stream-targets", type=int, default=0,
+                   help="with --redraw-with: train the decoder on that pipeline's own streams of this many prompts "
+                        "instead (its stored defaults), each window's target the prompt's object where the stream "
+                        "shows it (StreamTargets); the streams are kept in <output-dir>/stream-latents.pt")
+    p.add_argument("--stream-seconds", type=float, default=6.0, help="of each --stream-targets stream")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's; a new "
                         "autoencoder's mirror its encoder's)")
@@ -785,6 +925,11 @@ def main(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0.0 < args.redraw_noise <= 1.0:
         raise ValueError(f"--redraw-noise must lie in (0, 1], got {args.redraw_noise}")
+    if args.stream_targets < 0 or args.stream_seconds <= 0:
+        raise ValueError(f"--stream-targets {args.stream_targets} and --stream-seconds {args.stream_seconds:g} must "
+                         f"be 0 or more and more than 0")
+    if args.stream_targets and args.redraw_with is None:
+        raise ValueError(f"--stream-targets {args.stream_targets} needs --redraw-with: the pipeline that streams")
     if args.export_only:
         args.stage, args.steps = "dit", 0  # the loop is skipped; run_stage still loads, applies EMA and saves
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -616,3 +616,79 @@ def test_compiled_dit_trains_as_the_eager_one_and_shares_its_checkpoints(run, tm
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-4)
+
+
+def test_fitted_scene_finds_a_generator_clips_scene_from_its_frames():
+    """The detector's readings of a rendered clip give back its scene: place within a pixel, every attribute, and
+    the unstated size and background from the frames; a clip of another colour or motion gives None."""
+    from streamdit.data import caption, sample_scene
+    from streamdit.evaluate import read_frame
+    from streamdit.train import fitted_scene
+
+    rng = np.random.default_rng(3)
+    for shape in ("circle", "square", "triangle"):
+        for _ in range(3):
+            scene = sample_scene(rng, shape=shape)
+            readings = [read_frame(f) for f in render(scene, 8, start=40)]
+            for omit in (0.0, 1.0):
+                fitted = fitted_scene(caption(scene, omit=omit), readings, 40)
+                names = ("colour", "shape", "size", "direction", "speed", "background")
+                assert [getattr(fitted, n) for n in names] == [getattr(scene, n) for n in names]
+                error = (np.subtract(fitted.centre(40), scene.centre(40)) + 64) % 128 - 64
+                assert np.abs(error).max() < 0.75, (shape, error)
+    scene = sample_scene(rng, colour="red", direction="right", speed="quickly")
+    readings = [read_frame(f) for f in render(scene, 8)]
+    assert fitted_scene("a blue circle moving right quickly", readings, 0) is None  # another colour
+    assert fitted_scene("a red circle moving left quickly", readings, 0) is None  # another motion
+
+
+def test_stream_targets_pair_each_latent_window_with_the_prompts_object_where_it_is():
+    """Pixel "latents" (the frames themselves, decoded as they are): a stream that shows its prompt exactly gets back
+    its own frames as the targets, cropped around the object; a stream of another colour gives no window."""
+    from streamdit.data import caption, sample_scene
+    from streamdit.train import StreamTargets
+
+    rng = np.random.default_rng(4)
+    scenes = [sample_scene(rng, shape=shape) for shape in ("circle", "square", "triangle")]
+    streams = [(caption(s, rng), to_video(render(s, 6))) for s in scenes]  # latents (3, 6, 128, 128)
+    wrong = sample_scene(rng, colour="red")
+    streams.append(("a green square moving left", to_video(render(wrong, 6))))
+    targets = StreamTargets(streams, lambda z: z, temporal_compression=1, spatial_compression=1)
+    assert targets.candidates == 4 * 5 and len(targets.windows) == 3 * 5
+    latents, video = targets.batch(rng, 12, crop=48)
+    assert latents.shape == video.shape == (12, 3, 2, 48, 48)
+    assert (latents - video).abs().mean() < 0.01  # the same frames, to within the fitted place's sub-pixel error
+    assert (latents[:, :, :, 20:28, 20:28] - latents[:, :, :, :1, :1]).abs().amax() > 0.5  # the object is mid-crop
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        main(["--stage", "decoder", "--stream-targets", "-1", "--redraw-with", "x"])
+    with pytest.raises(ValueError, match="--stream-targets 5 needs --redraw-with"):
+        main(["--stage", "decoder", "--stream-targets", "5"])
+
+
+def test_stream_latents_are_what_the_stream_decodes(run):
+    """The latents `stream_latents` keeps, decoded at once, are the frames the same stream shows (after its
+    warm-up chunks, which it never shows)."""
+    from streamdit.train import stream_latents
+
+    pipe = StreamDiTPipeline.from_pretrained(run / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(warmup_chunks=2)
+    latents = stream_latents(pipe, "a red circle moving left", 3, seed=11)
+    assert latents.shape == (4, 6, 4, 4)
+    stream = pipe.stream("a red circle moving left", generator=torch.Generator().manual_seed(11), pipelined=False)
+    frames = np.concatenate([next(stream).frames for _ in range(3)])  # (24, 32, 32, 3)
+    decoded = ((pipe.decode_latents(latents[None])[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round()
+    assert np.abs(decoded.numpy() - frames).max() <= 1
+
+
+def test_decoder_stage_streams_its_targets_once_and_says_when_none_follow(run, tmp_path):
+    """--stream-targets streams its prompts with --redraw-with's pipeline and keeps them; the tiny run's DiT draws
+    no object yet, so no window follows its prompt, and the stage says so instead of training on nothing."""
+    out = tmp_path / "streamed"
+    shutil.copytree(run / "vae", out / "vae")
+    command = ["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "2", "--redraw-with",
+               str(run / "pipeline"), "--stream-targets", "2", "--stream-seconds", "1", *TINY]
+    with pytest.raises(ValueError, match="--stream-targets 2: no window of 6 in the streams"):
+        main(command)
+    kept = torch.load(out / "stream-latents.pt")
+    assert len(kept["prompts"]) == 2 and kept["latents"][0].shape == (4, 4, 4, 4)
