@@ -158,6 +158,12 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
+def to_frames(video: torch.Tensor) -> np.ndarray:
+    """float (3, T, H, W), nominally in [-1, 1] (a decoder's output; clamped) -> uint8 (T, H, W, 3): `to_video`'s
+    inverse, what a stream shows."""
+    return ((video.clamp(-1, 1).permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
 def sample_batch(rng: np.random.Generator, batch_size: int, num_frames: int, side: int = SIDE, omit: float = 0.5,
                  shape_weights=None):
     """A training batch: videos (b, 3, T, side, side) in [-1, 1], captions, scenes."""

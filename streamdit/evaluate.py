@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BACKGROUNDS, COLOURS, FPS, SHAPES, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene
+from .data import (BACKGROUNDS, COLOURS, FPS, SHAPES, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene,
+                   to_frames)
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
 SETTLING_FRAMES = FPS // 2  # a stream is read from half a second in: its start-up chunk is settling
@@ -177,7 +178,7 @@ def evaluate_reconstructions(vae, count, seed, seconds=2):
         scene = sample_scene(rng)
         video = torch.from_numpy(render(scene, frames_per_clip)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         recon = vae.decode(vae.encode(video.to(vae.device, vae.dtype))).float().clamp(-1, 1)  # (1, 3, T, H, W)
-        frames = ((recon[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        frames = to_frames(recon[0])
         prompt = caption(scene, omit=0.0)
         reading = read_video(frames)
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .autoencoder import StreamDiTAutoencoder, Upsample
 from .data import (DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, caption, parse_caption, render,
-                   sample_batch, to_video)
+                   sample_batch, to_frames, to_video)
 from .evaluate import majority, random_prompts, read_frame
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
@@ -273,8 +273,7 @@ class StreamTargets:
     def __init__(self, streams, decode, temporal_compression, spatial_compression, latent_frames=2):
         self.t_c, self.s, self.windows = temporal_compression, spatial_compression, []
         for prompt, latents in streams:
-            video = decode(latents[None])[0].clamp(-1, 1)  # (3, T, H, W)
-            frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
             readings = [read_frame(f) for f in frames]
             for j in range(latents.shape[1] - latent_frames + 1):
                 first, last = self.t_c * j, self.t_c * (j + latent_frames)
@@ -574,26 +573,22 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
 
         def reconstruct(trainable, batch, state):
             return reconstruct_crops(trainable[0], batch, args, state.rng)
-    elif args.stream_targets:
-        targets = stream_targets(redraw_pipe.to(accelerator.device), vae.to(accelerator.device), args,
-                                 accelerator.device)
-        crop = args.vae_crop // vae.spatial_compression
-
-        def make_batch(state):
-            latents, video = targets.batch(state.rng, args.batch_size, crop)
-            return latents.to(accelerator.device), video.to(accelerator.device)
-
-        def reconstruct(trainable, batch, state):
-            latents, video = batch
-            return trainable[0](latents=latents), video
-    else:
+    else:  # the DiT's latents, redrawn or streamed, each with the frames they should decode to
         redraw_pipe.to(accelerator.device)
-        pool = LatentPool(vae.to(accelerator.device), args.pool_size, args.pool_clip_frames * vae.temporal_compression,
-                          args.side)
+        if args.stream_targets:
+            targets = stream_targets(redraw_pipe, vae.to(accelerator.device), args, accelerator.device)
+            crop = args.vae_crop // vae.spatial_compression
 
-        def make_batch(state):
-            pool.refresh(state.rng, args.pool_refresh)
-            return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
+            def make_batch(state):
+                latents, video = targets.batch(state.rng, args.batch_size, crop)
+                return latents.to(accelerator.device), video.to(accelerator.device)
+        else:
+            pool = LatentPool(vae.to(accelerator.device), args.pool_size,
+                              args.pool_clip_frames * vae.temporal_compression, args.side)
+
+            def make_batch(state):
+                pool.refresh(state.rng, args.pool_refresh)
+                return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
 
         def reconstruct(trainable, batch, state):
             latents, video = batch
