@@ -228,6 +228,23 @@ def causal_lookback(module: nn.Module) -> Fraction:
     return lookback
 
 
+class TextFiLM(nn.Module):
+    """Feature-wise modulation of decoder features by the prompt: x (1 + scale) + shift, per channel, from the pooled
+    text states (`text.pooled`). A latent that the DiT left between two shapes (a square with soft corners is also
+    a circle) decodes to their blend under a pixel loss; told which shape the prompt asked for, the decoder can draw
+    that one. The projection starts at zero, so a decoder that gains it starts out drawing what it drew."""
+
+    def __init__(self, channels: int, text_channels: int):
+        super().__init__()
+        self.proj = nn.Linear(text_channels, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.proj(text).to(x.dtype)[:, :, None, None, None].chunk(2, dim=1)  # (B, C, 1, 1, 1) each
+        return x * (1 + scale) + shift  # (B, C, T, H, W)
+
+
 def stages(channels: list, layers_per_block: int, resample, flags: list, kt: int, first_kt: int | None = None) -> list:
     """Per stage ``layers_per_block`` ResBlocks (temporal kernel ``first_kt`` in the first stage, ``kt`` after), then
     ``resample(channels, flag)`` between stages."""
@@ -262,6 +279,7 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         decoder_layers_per_block: int | None = None,
         decoder_latent_temporal_kernel_size: int | None = None,
         decoder_untied_frames: bool = False,
+        decoder_text_channels: int | None = None,
     ):
         super().__init__()
         channels, flags = list(block_out_channels), [bool(f) for f in temporal_downsample]
@@ -313,6 +331,17 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
             *stages(decoder_channels[::-1], decoder_layers, upsample, flags[::-1], kt, first_kt=lt),
             *head(decoder_channels[0], in_channels, kt),
         )
+        # With decoder_text_channels the decoder also reads the prompt (`TextFiLM`, pooled text states of that width)
+        # after its input conv and after every ResBlock. Kept apart from `decoder` so its weights keep their names.
+        self.decoder_film = nn.ModuleDict()
+        if decoder_text_channels is not None:
+            if decoder_text_channels < 1:
+                raise ValueError(f"decoder_text_channels={decoder_text_channels} must be at least 1 (or None)")
+            channels_out = {0: decoder_channels[-1]}
+            channels_out.update({i: layer.conv2.conv.out_channels for i, layer in enumerate(self.decoder)
+                                 if isinstance(layer, ResBlock)})
+            self.decoder_film = nn.ModuleDict({str(i): TextFiLM(c, decoder_text_channels)
+                                               for i, c in channels_out.items()})
         t_c = self.temporal_compression
         self._decoder_context = math.ceil(causal_lookback(self.decoder))
         self._encoder_context = math.ceil(causal_lookback(self.encoder) / t_c) * t_c
@@ -350,26 +379,39 @@ class StreamDiTAutoencoder(ModelMixin, ConfigMixin):
         z = causal(self.encoder, video, cache)  # (B, C, F, H / s, W / s)
         return (z - cfg.shift_factor) * cfg.scaling_factor  # (B, C, F, H / s, W / s)
 
-    def decode(self, latents: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        """Latents -> video. With `cache` (CausalCache) these latents continue the ones decoded before with it."""
+    def decode(self, latents: torch.Tensor, cache: CausalCache | None = None,
+               text: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents -> video. With `cache` (CausalCache) these latents continue the ones decoded before with it.
+        `text` (B, E): the prompt's pooled text states, for a decoder with decoder_text_channels (None: no
+        modulation, which is what such a decoder drew before it learned to read the prompt); others ignore it."""
         cfg = self.config
         self._check(latents, "latents", cfg.latent_channels, 1, 1)
         z = latents / cfg.scaling_factor + cfg.shift_factor  # (B, C, F, H, W)
-        # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
-        return causal(self.decoder, z, cache)  # (B, 3, F * t_c, H * s, W * s)
+        if text is None or not self.decoder_film:
+            # No final tanh: a linear head keeps reconstruction gradients alive near +-1; clamp when making pixels.
+            return causal(self.decoder, z, cache)  # (B, 3, F * t_c, H * s, W * s)
+        if text.ndim != 2 or text.shape != (z.shape[0], cfg.decoder_text_channels):
+            raise ValueError(f"text of shape {tuple(text.shape)} must be (B, {cfg.decoder_text_channels}) with B = "
+                             f"{z.shape[0]}, the latents' batch")
+        for i, layer in enumerate(self.decoder):
+            z = causal([layer], z, cache)
+            if str(i) in self.decoder_film:
+                z = self.decoder_film[str(i)](z, text)
+        return z  # (B, 3, F * t_c, H * s, W * s)
 
     def forward(self, video: torch.Tensor | None = None, latent_noise: float = 0.0, generator=None,
-                latents: torch.Tensor | None = None) -> torch.Tensor:
+                latents: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction. ``latent_noise`` > 0 (training only) adds sigma * std(z) * eps to the latents, sigma ~
         U[0, latent_noise] per clip: a decoder trained so maps the slightly-off latents a DiT produces to clean frames
         rather than blobs. The noise is relative to the latents' own (detached) spread, so an encoder cannot shout
         over it by growing its latents. With ``latents`` (made elsewhere, e.g. redrawn by a DiT) it decodes those
-        instead of encoding ``video``: training the decoder on them through forward keeps DDP's gradient sync."""
+        instead of encoding ``video``: training the decoder on them through forward keeps DDP's gradient sync. ``text``
+        goes to `decode`."""
         if latents is not None:
-            return self.decode(latents)  # (B, 3, T, H, W)
+            return self.decode(latents, text=text)  # (B, 3, T, H, W)
         z = self.encode(video)  # (B, C, F, H / s, W / s)
         if latent_noise > 0:
             sigma = torch.rand(z.shape[0], generator=generator).to(z.device) * latent_noise  # (B,)
             eps = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
             z = z + sigma.view(-1, 1, 1, 1, 1) * z.detach().std() * eps
-        return self.decode(z)  # (B, 3, T, H, W)
+        return self.decode(z, text=text)  # (B, 3, T, H, W)

@@ -24,6 +24,7 @@ import torch
 
 from .data import (BACKGROUNDS, COLOURS, FPS, SHAPES, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene,
                    to_frames)
+from .text import pooled
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
 SETTLING_FRAMES = FPS // 2  # a stream is read from half a second in: its start-up chunk is settling
@@ -168,18 +169,20 @@ def score_streams(prompts, samples, seconds=None):
 
 
 @torch.no_grad()
-def evaluate_reconstructions(vae, count, seed, seconds=2):
+def evaluate_reconstructions(vae, count, seed, seconds=2, text=None):
     """The detector on the autoencoder's reconstructions of generator videos, against their full captions: the
-    ceiling of what a DiT generating in this latent space can score (a perfect DiT still goes through the decoder)."""
+    ceiling of what a DiT generating in this latent space can score (a perfect DiT still goes through the decoder).
+    `text`: prompt -> (1, E) pooled text states, for a decoder that reads the prompt (it reads the full caption)."""
     rng = np.random.default_rng(seed)
     frames_per_clip = int(seconds * FPS) // vae.temporal_compression * vae.temporal_compression
     rows = []
     for _ in range(count):
         scene = sample_scene(rng)
         video = torch.from_numpy(render(scene, frames_per_clip)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        recon = vae.decode(vae.encode(video.to(vae.device, vae.dtype))).float().clamp(-1, 1)  # (1, 3, T, H, W)
-        frames = to_frames(recon[0])
         prompt = caption(scene, omit=0.0)
+        latents = vae.encode(video.to(vae.device, vae.dtype))
+        recon = vae.decode(latents, text=text and text(prompt)).float().clamp(-1, 1)  # (1, 3, T, H, W)
+        frames = to_frames(recon[0])
         reading = read_video(frames)
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})
     return summarise(rows)
@@ -315,7 +318,11 @@ def main(argv=None):
         first = summarise(score_streams(prompts, samples, window))
         results |= {f"first_{window:g}s_{k}": v for k, v in first.items() if k.startswith(("all", "adherence"))}
     if args.reconstructions:
-        ceiling = evaluate_reconstructions(pipe.vae, args.reconstructions, args.seed)
+        text = None
+        if pipe.decoder_reads_prompt:
+            def text(prompt):
+                return pooled(*pipe.encode_prompt([prompt])).to(pipe.vae.dtype)
+        ceiling = evaluate_reconstructions(pipe.vae, args.reconstructions, args.seed, text=text)
         results |= {f"autoencoder_{k}": v for k, v in ceiling.items() if k.startswith(("all", "adherence"))}
     if args.drift_prompts:
         first, last = evaluate_drift(pipe, prompts[: args.drift_prompts], args.seed, args.drift_seconds, **options)

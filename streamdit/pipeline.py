@@ -29,7 +29,7 @@ from diffusers.video_processor import VideoProcessor
 
 from .autoencoder import CausalCache, StreamDiTAutoencoder
 from .scheduler import StreamBuffer, StreamDiTScheduler
-from .text import StreamDiTTextEncoder, tokenize, unknown_words
+from .text import StreamDiTTextEncoder, pooled, tokenize, unknown_words
 from .transformer import StreamDiTTransformer3DModel
 
 
@@ -141,6 +141,7 @@ class _Released:
     prompt: str
     denoise_seconds: float
     frame_limit: int | None  # StreamState.frame_limit at the release
+    text: torch.Tensor | None = None  # (b, E) the prompt's pooled text states, for a decoder that reads the prompt
 
 
 def _is_number(value) -> bool:
@@ -490,12 +491,30 @@ class StreamDiTPipeline(DiffusionPipeline):
             return state, None
         return state, released
 
+    @property
+    def decoder_reads_prompt(self) -> bool:
+        """Whether the vae's decoder is modulated by the prompt (decoder_text_channels, `autoencoder.TextFiLM`)."""
+        return self.vae.config.get("decoder_text_channels") is not None
+
     @torch.no_grad()
-    def decode_latents(self, latents, cache: CausalCache | None = None):
+    def decoder_text(self, state: StreamState):
+        """What the decoder reads of the state's prompt: (b, E) pooled text states, or None for a decoder that reads
+        none. The prompt's states from its last micro step, or encoded here if a set_prompt has dropped them since."""
+        if not self.decoder_reads_prompt:
+            return None
+        embeds, mask = state.prompt_embeds, state.prompt_mask
+        if embeds is None:
+            embeds, mask = self.encode_prompt(state.prompt)
+        return pooled(embeds, mask).to(self.vae.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents, cache: CausalCache | None = None, text: torch.Tensor | None = None):
         """Latents (b, C, c, H, W) -> video (b, 3, c * t, Hv, Wv) in [-1, 1]. With `cache` they continue the latents
         decoded before with it: the paper's overlapped decoding, which hides seams between chunks, with each frame
-        decoded once (the decoder's temporal layers carry their last input frames instead of decoding them again)."""
-        return self.vae.decode(latents.to(self.vae.dtype), cache).float()
+        decoded once (the decoder's temporal layers carry their last input frames instead of decoding them again).
+        `text` (`decoder_text`) is the prompt, for a decoder that reads it."""
+        text = None if text is None else text.to(latents.device)
+        return self.vae.decode(latents.to(self.vae.dtype), cache, text).float()
 
     def decode_chunk(self, state: StreamState, latents) -> StreamChunk:
         """Decodes a released chunk of a single-prompt stream into uint8 frames and updates the decode context."""
@@ -503,7 +522,8 @@ class StreamDiTPipeline(DiffusionPipeline):
 
     def _released(self, state, latents) -> _Released:
         """Denoiser side of a release: what the decoder needs of this moment; the next chunk's timing starts."""
-        released = _Released(latents, state.prompt[0], state.denoise_seconds, state.frame_limit())
+        released = _Released(latents, state.prompt[0], state.denoise_seconds, state.frame_limit(),
+                             self.decoder_text(state))
         state.denoise_seconds = 0.0
         return released
 
@@ -512,7 +532,7 @@ class StreamDiTPipeline(DiffusionPipeline):
         start = time.perf_counter()
         latents = released.latents
         cache = CausalCache(state.decode_cache) if state.overlapped_decoding else None
-        video = self.decode_latents(latents, cache)  # (1, 3, f, Hv, Wv)
+        video = self.decode_latents(latents, cache, released.text)  # (1, 3, f, Hv, Wv)
         if cache is not None:
             state.decode_cache = cache.next
         frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
@@ -633,7 +653,8 @@ class StreamDiTPipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents[:, :, : -(-num_frames // t)]
         else:
-            video = self.decode_latents(latents)[:, :, :num_frames]
+            text = self.decoder_text(state)
+            video = self.decode_latents(latents, text=text)[:, :, :num_frames]
             frames = self.video_processor.postprocess_video(video, output_type=output_type)
         self.maybe_free_model_hooks()
         return StreamDiTPipelineOutput(frames=frames) if return_dict else (frames,)

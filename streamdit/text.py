@@ -113,3 +113,10 @@ class StreamDiTTextEncoder(ModelMixin, ConfigMixin):
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
         x = self.encoder(x, src_key_padding_mask=~attention_mask)  # (B, L, D)
         return self.norm(x)  # (B, L, D)
+
+
+def pooled(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) text states and their (B, L) mask -> (B, D): the mean over the real tokens, one vector a prompt (what a
+    text-reading decoder is modulated by, `autoencoder.TextFiLM`)."""
+    weights = mask.to(embeds.dtype)[:, :, None]  # (B, L, 1)
+    return (embeds * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)

@@ -42,7 +42,7 @@ from .data import (DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, capt
 from .evaluate import majority, random_prompts, read_frame
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
-from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
+from .text import StreamDiTTextEncoder, build_tokenizer, pooled, tokenize
 from .transformer import StreamDiTTransformer3DModel, from_preset
 
 
@@ -186,8 +186,8 @@ def redraw(pipe, x1, captions, sigma, generator):
 
 
 def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
-    """A decoder batch from the DiT's redrawn clips: `latent_frames`-long windows of buffer-long redrawn latents, and
-    the true frames they stand for (latent frame j holds video frames t_c j .. t_c j + t_c - 1)."""
+    """A decoder batch from the DiT's redrawn clips: `latent_frames`-long windows of buffer-long redrawn latents, the
+    true frames they stand for (latent frame j holds video frames t_c j .. t_c j + t_c - 1) and the clips' captions."""
     buffer_frames = pipe.scheduler.config.buffer_frames
     if not 1 <= latent_frames <= buffer_frames:
         raise ValueError(f"latent_frames={latent_frames} must be between 1 and the redrawing pipeline's buffer of "
@@ -202,7 +202,7 @@ def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
     t_c = pool.vae.temporal_compression
     video = torch.stack([true_frames(pool.scenes[c], s + j, latent_frames, t_c, args.side)
                          for c, s, j in zip(clips, starts, k)])  # (b, 3, T, H, W)
-    return latents, video.to(latents.device)
+    return latents, video.to(latents.device), captions
 
 
 def true_frames(scene, latent_start, latent_frames, t_c, side):
@@ -279,16 +279,17 @@ class StreamTargets:
                 first, last = self.t_c * j, self.t_c * (j + latent_frames)
                 scene = fitted_scene(prompt, readings[first:last], first)
                 if scene is not None:
-                    self.windows.append((latents[:, j : j + latent_frames], scene, first))
+                    self.windows.append((latents[:, j : j + latent_frames], scene, first, prompt))
         self.side = frames.shape[1] if streams else SIDE
         self.candidates = sum(z.shape[1] - latent_frames + 1 for _, z in streams)
 
     def batch(self, rng, batch_size, crop):
-        """-> latents (b, C, latent_frames, crop, crop) around the object (a latent or so off centre, at random) and
-        the video (b, 3, T, crop s, crop s) they should decode to; the world is a torus, so crops wrap."""
-        latents, videos = [], []
+        """-> latents (b, C, latent_frames, crop, crop) around the object (a latent or so off centre, at random), the
+        video (b, 3, T, crop s, crop s) they should decode to (the world is a torus, so crops wrap) and the prompts."""
+        latents, videos, prompts = [], [], []
         for k in rng.integers(len(self.windows), size=batch_size):
-            z, scene, first = self.windows[k]
+            z, scene, first, prompt = self.windows[k]
+            prompts.append(prompt)
             video = to_video(render(scene, z.shape[1] * self.t_c, self.side, first))  # (3, T, H, W)
             cx, cy = scene.centre(first + z.shape[1] * self.t_c // 2, self.side)
             top = int(cy // self.s) - crop // 2 + int(rng.integers(-1, 2))
@@ -296,7 +297,7 @@ class StreamTargets:
             latents.append(torch.roll(z, (-top, -left), (-2, -1))[..., :crop, :crop])
             video = torch.roll(video, (-top * self.s, -left * self.s), (-2, -1))
             videos.append(video[..., : crop * self.s, : crop * self.s])
-        return torch.stack(latents), torch.stack(videos)
+        return torch.stack(latents), torch.stack(videos), prompts
 
 
 def stream_targets(pipe, vae, args, device):
@@ -580,8 +581,8 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             crop = args.vae_crop // vae.spatial_compression
 
             def make_batch(state):
-                latents, video = targets.batch(state.rng, args.batch_size, crop)
-                return latents.to(accelerator.device), video.to(accelerator.device)
+                latents, video, prompts = targets.batch(state.rng, args.batch_size, crop)
+                return latents.to(accelerator.device), video.to(accelerator.device), prompts
         else:
             pool = LatentPool(vae.to(accelerator.device), args.pool_size,
                               args.pool_clip_frames * vae.temporal_compression, args.side)
@@ -591,8 +592,12 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
                 return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
 
         def reconstruct(trainable, batch, state):
-            latents, video = batch
-            return trainable[0](latents=latents), video
+            latents, video, prompts = batch
+            text = None
+            if vae.config.decoder_text_channels is not None:  # the decoder reads the prompt (--decoder-text)
+                with torch.no_grad():
+                    text = pooled(*redraw_pipe.encode_prompt(prompts, latents.device))  # (b, E)
+            return trainable[0](latents=latents, text=text), video
 
     def loss(trainable, batch, state):
         recon, video = reconstruct(trainable, batch, state)
@@ -643,16 +648,24 @@ def train_decoder(args):
              "decoder_latent_temporal_kernel_size": args.decoder_latent_temporal_kernel,
              "decoder_untied_frames": args.decoder_untied_frames or None}
     wanted = {k: saved[k] if asked[k] is None else asked[k] for k in saved}
+    redraw_pipe = redraw_pipeline(args, vae)
+    saved["decoder_text_channels"] = cfg.get("decoder_text_channels")
+    wanted["decoder_text_channels"] = saved["decoder_text_channels"]
+    if args.decoder_text and saved["decoder_text_channels"] is None:
+        if redraw_pipe is None:
+            raise ValueError("--decoder-text needs --redraw-with: the decoder learns to read that pipeline's prompts "
+                             "on its own redrawn or streamed latents")
+        wanted["decoder_text_channels"] = redraw_pipe.text_encoder.config.hidden_size
     same_stages = all(wanted[k] == saved[k] for k in ("decoder_block_out_channels", "decoder_layers_per_block"))
     if wanted != saved:
         rebuilt = StreamDiTAutoencoder(**{**vae.config, **wanted})
-        if same_stages:  # the same decoder, its kernels grown or untied: it starts as the saved one
+        if same_stages:  # the same decoder, kernels grown or untied or reading the prompt: it starts as the saved one
             load_inflated(rebuilt, untie_frames(rebuilt, vae.state_dict()))
         else:
             rebuilt.encoder.load_state_dict(vae.encoder.state_dict())  # a new decoder, from scratch
         vae = rebuilt
     vae.encoder.requires_grad_(False)
-    fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipeline(args, vae))
+    fit_autoencoder(args, vae, "decoder", args.decoder_steps, normalise=False, redraw_pipe=redraw_pipe)
 
 
 def untie_frames(module, state):
@@ -859,6 +872,10 @@ def parse_args(argv=None):
     p.add_argument("--decoder-untied-frames", action="store_true",
                    help="give each video frame a temporal upsampling makes its own kernel (untied from its pair's); "
                         "the saved decoder's tied kernels become the untied ones that draw the same")
+    p.add_argument("--decoder-text", action="store_true",
+                   help="with --redraw-with: the decoder also reads the prompt (pooled states of that pipeline's text "
+                        "encoder, modulating its features), so where the DiT's latents leave the shape open it can "
+                        "draw the one asked for; it starts as the saved decoder")
     p.add_argument("--decoder-latent-frames", type=int, default=2,
                    help="latent frames of each redrawn clip the decoder learns to draw (with --redraw-with)")
     # DiT

@@ -280,3 +280,30 @@ def test_decoder_looks_further_back_at_the_latents_resolution():
     torch.testing.assert_close(plain.decode(changed)[:, :, 6 * 4 :], plain.decode(latents)[:, :, 6 * 4 :])
     with pytest.raises(ValueError, match="decoder_latent_temporal_kernel_size=0"):
         StreamDiTAutoencoder(**config, decoder_latent_temporal_kernel_size=0)
+
+
+def test_a_decoder_that_reads_the_prompt_starts_as_the_plain_one_and_streams_chunk_by_chunk():
+    """TextFiLM starts at zero, so the same weights decode the same frames; once it has learned something, decoding
+    chunk by chunk with a CausalCache still equals decoding the whole, and the text changes the frames."""
+    torch.manual_seed(0)
+    plain = StreamDiTAutoencoder(latent_channels=4, block_out_channels=(8, 8, 8), temporal_downsample=(True, True))
+    vae = StreamDiTAutoencoder(**{**plain.config, "decoder_text_channels": 6})
+    missing, unexpected = vae.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("decoder_film.") for name in missing)
+    latents, text = torch.randn(2, 4, 6, 4, 4), torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(vae.decode(latents, text=text), plain.decode(latents))
+        for film in vae.decoder_film.values():
+            torch.nn.init.normal_(film.proj.weight)
+        whole = vae.decode(latents, text=text)
+        assert (whole - plain.decode(latents)).abs().amax() > 1e-3
+        assert torch.equal(vae.decode(latents), plain.decode(latents))  # no text: no modulation
+        cache, parts = CausalCache(), []
+        for start, end in ((0, 2), (2, 3), (3, 6)):
+            parts.append(vae.decode(latents[:, :, start:end], cache, text))
+            cache = CausalCache(cache.next)
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"text of shape \(2, 5\) must be \(B, 6\)"):
+        vae.decode(latents, text=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="decoder_text_channels=0 must be at least 1"):
+        StreamDiTAutoencoder(decoder_text_channels=0)

@@ -510,6 +510,41 @@ def test_warmup_chunks_are_made_and_dropped(pipe):
     stream.close()
 
 
+def reading_the_prompt(pipe, seed=0):
+    """`pipe` with its decoder swapped for the same one reading the prompt, its modulation random (not yet zero)."""
+    from streamdit import StreamDiTAutoencoder
+
+    vae = StreamDiTAutoencoder(**{**pipe.vae.config, "decoder_text_channels": pipe.text_encoder.config.hidden_size})
+    vae.load_state_dict(pipe.vae.state_dict(), strict=False)
+    torch.manual_seed(seed)
+    for film in vae.decoder_film.values():
+        torch.nn.init.normal_(film.proj.weight, std=0.5)
+    pipe.register_modules(vae=vae.eval())
+    return pipe
+
+
+def test_a_decoder_that_reads_the_prompt_decodes_each_chunk_with_the_prompt_it_was_made_for(pipe):
+    from streamdit.text import pooled
+
+    pipe = reading_the_prompt(pipe)
+    other = "a blue square moving up"
+    stream = pipe.stream(PROMPT, generator=seeded(), pipelined=False)
+    first = next(stream)
+    stream.set_prompt(other)
+    assert next(stream).prompt == other
+    latents = pipe(PROMPT, num_frames=8, generator=seeded(), output_type="latent").frames  # the stream's first chunk
+    # the stream's first chunk: its latents decoded with the prompt's pooled text states, not without them
+    text = pooled(*pipe.encode_prompt([PROMPT]))
+    expected = pipe.decode_latents(latents[:, :, :2], text=text)[0].permute(1, 2, 3, 0).clamp(-1, 1)
+    assert np.abs(first.frames - ((expected + 1) * 127.5).round().numpy()).max() <= 1
+    unread = pipe.decode_latents(latents[:, :, :2])[0].permute(1, 2, 3, 0).clamp(-1, 1)
+    assert np.abs(first.frames - ((unread + 1) * 127.5).round().numpy()).max() > 5
+    # a fixed-length clip decodes with its prompt too
+    clip = pipe(PROMPT, num_frames=8, generator=seeded(), output_type="pt").frames  # (1, 8, 3, H, W) in [0, 1]
+    assert torch.allclose(clip[0].permute(0, 2, 3, 1) * 255, torch.from_numpy(first.frames).float(), atol=1.5)
+    stream.close()
+
+
 def test_the_model_default_warmup_applies_to_text_to_video_only(pipe):
     pipe.register_to_config(warmup_chunks=3)
     assert pipe.prepare_stream(PROMPT).warmup_chunks == 3

@@ -117,3 +117,14 @@ def test_encoder_save_load_round_trip(encoder, tokenizer, tmp_path):
     inputs = tokenize(tokenizer, ["a red circle moves left", "square"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs), encoder(*inputs), rtol=0, atol=0)
+
+
+def test_pooled_text_is_the_mean_of_the_real_tokens_states():
+    from streamdit.text import pooled
+
+    embeds = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    expected = torch.stack([embeds[0, :2].mean(0), embeds[1].mean(0), embeds[2, 0]])
+    torch.testing.assert_close(pooled(embeds, mask), expected)
+    embeds[0, 3] = 1e6  # padding never counts
+    torch.testing.assert_close(pooled(embeds, mask)[0], expected[0])

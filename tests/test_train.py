@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamdit import StreamDiTPipeline
-from streamdit.data import parse_caption, render, to_video
+from streamdit.data import COLOURS, parse_caption, render, to_video
 from streamdit.train import (LatentPool, decoded_loss, edge_loss, flow_matching_loss, latent_object_weights, main,
                              redraw, redrawn_batch)
 
@@ -481,8 +481,12 @@ def test_redrawn_batches_pair_each_latent_window_with_its_frames():
     pool, rng = LatentPool(_PixelVae(), size=3, clip_frames=10, side=16), np.random.default_rng(0)
     pool.refresh(rng, 1)
     args = argparse.Namespace(batch_size=6, redraw_noise=1e-6, side=16)
-    latents, video = redrawn_batch(pool, pipe, rng, args)
-    assert latents.shape == video.shape == (6, 3, 2, 16, 16)
+    latents, video, captions = redrawn_batch(pool, pipe, rng, args)
+    assert latents.shape == video.shape == (6, 3, 2, 16, 16) and len(captions) == 6
+    for v, text in zip(video, captions):  # each window's caption tells its own clip's scene
+        clip = next(c for c, z in enumerate(pool.latents) if any(torch.equal(v, z[:, s : s + 2]) for s in range(9)))
+        stated = parse_caption(text)
+        assert stated and all(getattr(pool.scenes[clip], k) == value for k, value in stated.items()), text
     assert torch.allclose(latents, video, atol=1e-4)
     found = [any(torch.equal(v, clip[:, s : s + 2]) for clip in pool.latents for s in range(9)) for v in video]
     assert all(found)
@@ -508,6 +512,33 @@ def test_decoder_trains_on_a_dits_redrawn_latents(run, tmp_path):
     new_vae(parse_args(TINY)).save_pretrained(other / "vae")  # another encoder: the DiT's latents are not its
     with pytest.raises(ValueError, match="its autoencoder's encoder is not the one in"):
         main(["--stage", "decoder", "--output-dir", str(other), "--redraw-with", str(run / "pipeline"), *TINY])
+
+
+def test_a_decoder_that_reads_the_prompt_starts_as_the_saved_one_and_learns_to(run, tmp_path):
+    from streamdit import StreamDiTAutoencoder
+    from streamdit.text import pooled
+
+    out = tmp_path / "reads-prompt"
+    shutil.copytree(run / "vae", out / "vae")
+    before = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    with pytest.raises(ValueError, match="--decoder-text needs --redraw-with"):
+        main(["--stage", "decoder", "--output-dir", str(out), "--decoder-text", *TINY])
+    main(["--stage", "decoder", "--output-dir", str(out), "--decoder-steps", "3", "--redraw-with",
+          str(run / "pipeline"), "--decoder-text", *TINY])
+    after = StreamDiTAutoencoder.from_pretrained(out / "vae")
+    pipe = StreamDiTPipeline.from_pretrained(run / "pipeline")
+    assert after.config.decoder_text_channels == pipe.text_encoder.config.hidden_size
+    for name, p in before.encoder.state_dict().items():  # the latent space stays
+        assert torch.equal(p, after.encoder.state_dict()[name]), name
+    assert all(film.proj.weight.abs().amax() > 0 for film in after.decoder_film.values())  # it learned to read
+    assert len(losses(out / "decoder-loss.csv")) == 3
+    # the same latents decode differently for different prompts, and the pipeline hands its decoder the prompt
+    z = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    red, blue = (pooled(*pipe.encode_prompt([p])) for p in ("a red circle", "a blue square"))
+    with torch.no_grad():
+        assert (after.decode(z, text=red) - after.decode(z, text=blue)).abs().amax() > 1e-4
+    pipe.register_modules(vae=after.eval())
+    assert pipe.decoder_reads_prompt
 
 
 def test_dit_stage_trains_a_refiner_alone_on_a_saved_pipeline(run, tmp_path, capsys):
@@ -655,8 +686,12 @@ def test_stream_targets_pair_each_latent_window_with_the_prompts_object_where_it
     streams.append(("a green square moving left", to_video(render(wrong, 6))))
     targets = StreamTargets(streams, lambda z: z, temporal_compression=1, spatial_compression=1)
     assert targets.candidates == 4 * 5 and len(targets.windows) == 3 * 5
-    latents, video = targets.batch(rng, 12, crop=48)
+    latents, video, prompts = targets.batch(rng, 12, crop=48)
     assert latents.shape == video.shape == (12, 3, 2, 48, 48)
+    for z, prompt in zip(latents, prompts):  # each window with its own stream's prompt: the colour at its centre
+        assert prompt in [p for p, _ in streams[:3]]
+        rgb = ((z[:, 0, 24, 24] + 1) * 127.5).round().tolist()
+        assert rgb == list(COLOURS[parse_caption(prompt)["colour"]]), (prompt, rgb)
     assert (latents - video).abs().mean() < 0.01  # the same frames, to within the fitted place's sub-pixel error
     assert (latents[:, :, :, 20:28, 20:28] - latents[:, :, :, :1, :1]).abs().amax() > 0.5  # the object is mid-crop
     with pytest.raises(ValueError, match="must be 0 or more"):
