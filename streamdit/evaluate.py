@@ -181,7 +181,8 @@ def evaluate_reconstructions(vae, count, seed, seconds=2, text=None):
         video = torch.from_numpy(render(scene, frames_per_clip)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         prompt = caption(scene, omit=0.0)
         latents = vae.encode(video.to(vae.device, vae.dtype))
-        recon = vae.decode(latents, text=text and text(prompt)).float().clamp(-1, 1)  # (1, 3, T, H, W)
+        recon = vae.decode(latents) if text is None else vae.decode(latents, text=text(prompt))
+        recon = recon.float().clamp(-1, 1)  # (1, 3, T, H, W)
         frames = to_frames(recon[0])
         reading = read_video(frames)
         rows.append({"prompt": prompt, "reading": reading, "adherence": adherence(reading, prompt)})

@@ -579,17 +579,18 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
         if args.stream_targets:
             targets = stream_targets(redraw_pipe, vae.to(accelerator.device), args, accelerator.device)
             crop = args.vae_crop // vae.spatial_compression
-
-            def make_batch(state):
-                latents, video, prompts = targets.batch(state.rng, args.batch_size, crop)
-                return latents.to(accelerator.device), video.to(accelerator.device), prompts
-        else:
+        if not args.stream_targets or args.redrawn_share:
             pool = LatentPool(vae.to(accelerator.device), args.pool_size,
                               args.pool_clip_frames * vae.temporal_compression, args.side)
 
-            def make_batch(state):
-                pool.refresh(state.rng, args.pool_refresh)
-                return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
+        def make_batch(state):
+            # with --stream-targets, a --redrawn-share of the steps still redraws: true frames anchor what the
+            # stream's prompt-drawn targets only approximate
+            if args.stream_targets and state.rng.random() >= args.redrawn_share:
+                latents, video, prompts = targets.batch(state.rng, args.batch_size, crop)
+                return latents.to(accelerator.device), video.to(accelerator.device), prompts
+            pool.refresh(state.rng, args.pool_refresh)
+            return redrawn_batch(pool, redraw_pipe, state.rng, args, args.decoder_latent_frames)
 
         def reconstruct(trainable, batch, state):
             latents, video, prompts = batch
@@ -872,6 +873,8 @@ def parse_args(argv=None):
     p.add_argument("--decoder-untied-frames", action="store_true",
                    help="give each video frame a temporal upsampling makes its own kernel (untied from its pair's); "
                         "the saved decoder's tied kernels become the untied ones that draw the same")
+    p.add_argument("--redrawn-share", type=float, default=0.0,
+                   help="with --stream-targets: the share of steps that train on redrawn latents instead (0 to 1)")
     p.add_argument("--decoder-text", action="store_true",
                    help="with --redraw-with: the decoder also reads the prompt (pooled states of that pipeline's text "
                         "encoder, modulating its features), so where the DiT's latents leave the shape open it can "
@@ -940,6 +943,8 @@ def main(argv=None):
     if args.stream_targets < 0 or args.stream_seconds <= 0:
         raise ValueError(f"--stream-targets {args.stream_targets} and --stream-seconds {args.stream_seconds:g} must "
                          f"be 0 or more and more than 0")
+    if not 0.0 <= args.redrawn_share < 1.0:
+        raise ValueError(f"--redrawn-share must lie in [0, 1), got {args.redrawn_share:g}")
     if args.stream_targets and args.redraw_with is None:
         raise ValueError(f"--stream-targets {args.stream_targets} needs --redraw-with: the pipeline that streams")
     if args.export_only:

@@ -111,7 +111,8 @@ def test_stream_decodes_and_encodes_each_frame_once(restyle, monkeypatch):
     pipe = tiny_pipeline()
     decoded, encoded = [], []
     decode, encode = pipe.vae.decode, pipe.vae.encode
-    monkeypatch.setattr(pipe.vae, "decode", lambda z, cache=None: decoded.append(z.shape[2]) or decode(z, cache))
+    monkeypatch.setattr(pipe.vae, "decode",
+                        lambda z, cache=None, text=None: decoded.append(z.shape[2]) or decode(z, cache, text))
     monkeypatch.setattr(pipe.vae, "encode", lambda x, cache=None: encoded.append(x.shape[2]) or encode(x, cache))
     options = dict(video=smooth_video(64), strength=0.6) if restyle else {}
     take(pipe.stream(PROMPT, generator=seeded(), **options), 4)
@@ -153,14 +154,14 @@ def test_pipelined_stream_denoises_the_next_chunk_while_decoding(pipe, monkeypat
         stepped.set()
         return advance(state)
 
-    def slow_decode(latents, cache=None):
+    def slow_decode(latents, cache=None, text=None):
         stepped.clear()
         events.append(("decode", None, threading.current_thread()))
         decoding.set()
         stepped.wait(patience)
         events.append(("decoded", None, threading.current_thread()))
         decoding.clear()
-        return decode(latents, cache)
+        return decode(latents, cache, text)
 
     monkeypatch.setattr(pipe, "advance", recording_advance)
     monkeypatch.setattr(pipe, "decode_latents", slow_decode)

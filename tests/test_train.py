@@ -698,6 +698,8 @@ def test_stream_targets_pair_each_latent_window_with_the_prompts_object_where_it
         main(["--stage", "decoder", "--stream-targets", "-1", "--redraw-with", "x"])
     with pytest.raises(ValueError, match="--stream-targets 5 needs --redraw-with"):
         main(["--stage", "decoder", "--stream-targets", "5"])
+    with pytest.raises(ValueError, match=r"--redrawn-share must lie in \[0, 1\), got 1"):
+        main(["--stage", "decoder", "--stream-targets", "5", "--redraw-with", "x", "--redrawn-share", "1"])
 
 
 def test_stream_latents_are_what_the_stream_decodes(run):
