@@ -10,7 +10,8 @@ Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its 
 redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer)
 or streams (--stream-targets: the prompt's object, drawn where the stream shows it, from the stream's own latents),
 and a decoder that commits to a shape (--adversarial-weight: a patch discriminator's hinge loss, as image autoencoders
-are trained; a pixel loss alone pays a blend of square and circle for a latent that could be either).
+are trained; a pixel loss alone pays a blend of square and circle for a latent that could be either), and a decoder
+that reads the prompt (--decoder-text: told the shape asked for, it need not draw the blend).
 Stage "dit": buffered flow matching (paper Eq. 5) with mixed training (Sec. 3.2): each batch draws a partition with chunk
 size c from {1, 2, 4, ..., B} and each chunk its own tau from Eq. 8, so one model serves uniform, diagonal and StreamDiT
 partitions. The text encoder trains jointly; 10% of captions are dropped for classifier-free guidance. With
