@@ -241,6 +241,7 @@ class TextFiLM(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        text = text.to(self.proj.weight.dtype)  # (B, E), however its text encoder ran
         scale, shift = self.proj(text).to(x.dtype)[:, :, None, None, None].chunk(2, dim=1)  # (B, C, 1, 1, 1) each
         return x * (1 + scale) + shift  # (B, C, T, H, W)
 

@@ -24,7 +24,6 @@ import torch
 
 from .data import (BACKGROUNDS, COLOURS, FPS, SHAPES, SIDE, SIZES, SPEEDS, caption, parse_caption, render, sample_scene,
                    to_frames)
-from .text import pooled
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed", "background")
 SETTLING_FRAMES = FPS // 2  # a stream is read from half a second in: its start-up chunk is settling
@@ -319,10 +318,7 @@ def main(argv=None):
         first = summarise(score_streams(prompts, samples, window))
         results |= {f"first_{window:g}s_{k}": v for k, v in first.items() if k.startswith(("all", "adherence"))}
     if args.reconstructions:
-        text = None
-        if pipe.decoder_reads_prompt:
-            def text(prompt):
-                return pooled(*pipe.encode_prompt([prompt])).to(pipe.vae.dtype)
+        text = (lambda prompt: pipe.pooled_prompt([prompt])) if pipe.decoder_reads_prompt else None
         ceiling = evaluate_reconstructions(pipe.vae, args.reconstructions, args.seed, text=text)
         results |= {f"autoencoder_{k}": v for k, v in ceiling.items() if k.startswith(("all", "adherence"))}
     if args.drift_prompts:

@@ -497,15 +497,18 @@ class StreamDiTPipeline(DiffusionPipeline):
         return self.vae.config.get("decoder_text_channels") is not None
 
     @torch.no_grad()
+    def pooled_prompt(self, prompts: list[str], device=None) -> torch.Tensor:
+        """(b, E) pooled text states of `prompts`: what a decoder that reads the prompt reads (`autoencoder.TextFiLM`)."""
+        return pooled(*self.encode_prompt(prompts, device))
+
     def decoder_text(self, state: StreamState):
         """What the decoder reads of the state's prompt: (b, E) pooled text states, or None for a decoder that reads
         none. The prompt's states from its last micro step, or encoded here if a set_prompt has dropped them since."""
         if not self.decoder_reads_prompt:
             return None
-        embeds, mask = state.prompt_embeds, state.prompt_mask
-        if embeds is None:
-            embeds, mask = self.encode_prompt(state.prompt)
-        return pooled(embeds, mask).to(self.vae.dtype)
+        if state.prompt_embeds is None:
+            return self.pooled_prompt(state.prompt)
+        return pooled(state.prompt_embeds, state.prompt_mask)
 
     @torch.no_grad()
     def decode_latents(self, latents, cache: CausalCache | None = None, text: torch.Tensor | None = None):

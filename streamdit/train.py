@@ -43,7 +43,7 @@ from .data import (DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, capt
 from .evaluate import majority, random_prompts, read_frame
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
-from .text import StreamDiTTextEncoder, build_tokenizer, pooled, tokenize
+from .text import StreamDiTTextEncoder, build_tokenizer, tokenize
 from .transformer import StreamDiTTransformer3DModel, from_preset
 
 
@@ -597,8 +597,7 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             latents, video, prompts = batch
             text = None
             if vae.config.decoder_text_channels is not None:  # the decoder reads the prompt (--decoder-text)
-                with torch.no_grad():
-                    text = pooled(*redraw_pipe.encode_prompt(prompts, latents.device))  # (b, E)
+                text = redraw_pipe.pooled_prompt(prompts, latents.device)  # (b, E)
             return trainable[0](latents=latents, text=text), video
 
     def loss(trainable, batch, state):
@@ -644,20 +643,18 @@ def train_decoder(args):
     saved = {"decoder_block_out_channels": tuple(cfg.decoder_block_out_channels or cfg.block_out_channels),
              "decoder_layers_per_block": cfg.decoder_layers_per_block or cfg.layers_per_block,
              "decoder_latent_temporal_kernel_size": cfg.decoder_latent_temporal_kernel_size or cfg.temporal_kernel_size,
-             "decoder_untied_frames": cfg.decoder_untied_frames}
+             "decoder_untied_frames": cfg.decoder_untied_frames,
+             "decoder_text_channels": cfg.get("decoder_text_channels")}
+    redraw_pipe = redraw_pipeline(args, vae)
+    if args.decoder_text and redraw_pipe is None:
+        raise ValueError("--decoder-text needs --redraw-with: the decoder learns to read that pipeline's prompts on "
+                         "its own redrawn or streamed latents")
     asked = {"decoder_block_out_channels": args.decoder_channels and tuple(args.decoder_channels),
              "decoder_layers_per_block": args.decoder_layers,
              "decoder_latent_temporal_kernel_size": args.decoder_latent_temporal_kernel,
-             "decoder_untied_frames": args.decoder_untied_frames or None}
+             "decoder_untied_frames": args.decoder_untied_frames or None,
+             "decoder_text_channels": redraw_pipe.text_encoder.config.hidden_size if args.decoder_text else None}
     wanted = {k: saved[k] if asked[k] is None else asked[k] for k in saved}
-    redraw_pipe = redraw_pipeline(args, vae)
-    saved["decoder_text_channels"] = cfg.get("decoder_text_channels")
-    wanted["decoder_text_channels"] = saved["decoder_text_channels"]
-    if args.decoder_text and saved["decoder_text_channels"] is None:
-        if redraw_pipe is None:
-            raise ValueError("--decoder-text needs --redraw-with: the decoder learns to read that pipeline's prompts "
-                             "on its own redrawn or streamed latents")
-        wanted["decoder_text_channels"] = redraw_pipe.text_encoder.config.hidden_size
     same_stages = all(wanted[k] == saved[k] for k in ("decoder_block_out_channels", "decoder_layers_per_block"))
     if wanted != saved:
         rebuilt = StreamDiTAutoencoder(**{**vae.config, **wanted})
