@@ -8,7 +8,8 @@ percent of the frame but all of the content). Its latents are then normalised to
 Stage "decoder": the decoder alone, the encoder frozen, so a DiT trained on its latents stays valid: sharper edges
 (--edge-weight), clean frames from noisy latents (--latent-noise), or the true frames from latents a trained DiT
 redraws (--redraw-with: SDEdit from the true latents, so the decoder meets the DiT's own errors with the right answer)
-or streams (--stream-targets: the prompt's object, drawn where the stream shows it, from the stream's own latents),
+or redraws from deeper noise (--redraw-targets: the true clip moved to where the redraw put it) or streams
+(--stream-targets: the prompt's object, drawn where the stream shows it, from the stream's own latents),
 and a decoder that commits to a shape (--adversarial-weight: a patch discriminator's hinge loss, as image autoencoders
 are trained; a pixel loss alone pays a blend of square and circle for a latent that could be either), and a decoder
 that reads the prompt (--decoder-text: told the shape asked for, it need not draw the blend).
@@ -27,6 +28,7 @@ import csv
 import math
 import shutil
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .autoencoder import StreamDiTAutoencoder, Upsample
-from .data import (DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, caption, parse_caption, render,
-                   sample_batch, to_frames, to_video)
+from .data import (BACKGROUNDS, DIRECTIONS, FPS, SIDE, SIZES, SPEEDS, VOCABULARY, Scene, caption, parse_caption,
+                   render, sample_batch, to_frames, to_video)
 from .evaluate import majority, random_prompts, read_frame
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamDiTScheduler
@@ -196,7 +198,7 @@ def redrawn_batch(pool, pipe, rng, args, latent_frames=2):
     clips, starts = pool.windows(rng, args.batch_size, buffer_frames)
     x1, captions = pool.take(rng, clips, starts, buffer_frames)  # (b, C, B, h, w)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    sigma = float(rng.uniform(0.0, args.redraw_noise))
+    sigma = float(rng.uniform(args.redraw_min_noise, args.redraw_noise))
     redrawn = redraw(pipe, x1, captions, sigma, generator)  # (b, C, B, h, w)
     k = rng.integers(redrawn.shape[2] - latent_frames + 1, size=len(clips))  # a window of each
     latents = torch.stack([z[:, j : j + latent_frames] for z, j in zip(redrawn, k)])  # (b, C, latent_frames, h, w)
@@ -260,29 +262,13 @@ def circular_mean(values, period):
     return math.atan2(s, c) / (2 * math.pi) * period % period, 1.0 - math.hypot(s, c)
 
 
-class StreamTargets:
-    """The DiT's own stream latents, in windows of `latent_frames`, each with the video it should decode to.
+class WindowTargets:
+    """A DiT's own latents, in windows of `latent_frames`, each with the scene it should decode to (from frame `first`
+    of that scene) and its prompt: what the decoder learns from where no true clip stands exactly behind the latents.
+    `windows`: (latents (C, latent_frames, h, w), scene, first, prompt) tuples."""
 
-    A redraw (`redrawn_batch`) starts from a true clip's latents; a stream starts from noise and settles in its
-    buffer, so its latents are the ones a decoder meets in a stream, and no true clip stands behind them. Shapes
-    world stands in: the target is the prompt's object drawn by the renderer where the stream's decoded frames show
-    it (`fitted_scene`), so the decoder learns to draw the shape the prompt asked for from latents the DiT made for
-    it. Windows that do not follow the prompt's colour or motion are left out. `streams`: (prompt, latents (C, F, h,
-    w)) pairs; `decode`: the decoder that locates the objects (the one about to be trained).
-    """
-
-    def __init__(self, streams, decode, temporal_compression, spatial_compression, latent_frames=2):
-        self.t_c, self.s, self.windows = temporal_compression, spatial_compression, []
-        for prompt, latents in streams:
-            frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
-            readings = [read_frame(f) for f in frames]
-            for j in range(latents.shape[1] - latent_frames + 1):
-                first, last = self.t_c * j, self.t_c * (j + latent_frames)
-                scene = fitted_scene(prompt, readings[first:last], first)
-                if scene is not None:
-                    self.windows.append((latents[:, j : j + latent_frames], scene, first, prompt))
-        self.side = frames.shape[1] if streams else SIDE
-        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, z in streams)
+    def __init__(self, temporal_compression, spatial_compression, side=SIDE):
+        self.t_c, self.s, self.side, self.windows = temporal_compression, spatial_compression, side, []
 
     def batch(self, rng, batch_size, crop):
         """-> latents (b, C, latent_frames, crop, crop) around the object (a latent or so off centre, at random), the
@@ -299,6 +285,78 @@ class StreamTargets:
             video = torch.roll(video, (-top * self.s, -left * self.s), (-2, -1))
             videos.append(video[..., : crop * self.s, : crop * self.s])
         return torch.stack(latents), torch.stack(videos), prompts
+
+
+class StreamTargets(WindowTargets):
+    """The DiT's own stream latents, each window's target the prompt's object where the stream shows it.
+
+    A redraw (`redrawn_batch`) starts from a true clip's latents; a stream starts from noise and settles in its
+    buffer, so its latents are the ones a decoder meets in a stream, and no true clip stands behind them. Shapes
+    world stands in: the target is the prompt's object drawn by the renderer where the stream's decoded frames show
+    it (`fitted_scene`), so the decoder learns to draw the shape the prompt asked for from latents the DiT made for
+    it. Windows that do not follow the prompt's colour or motion are left out. `streams`: (prompt, latents (C, F, h,
+    w)) pairs; `decode`: the decoder that locates the objects (the one about to be trained).
+    """
+
+    def __init__(self, streams, decode, temporal_compression, spatial_compression, latent_frames=2):
+        super().__init__(temporal_compression, spatial_compression)
+        for prompt, latents in streams:
+            frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
+            self.side = frames.shape[1]
+            readings = [read_frame(f) for f in frames]
+            for j in range(latents.shape[1] - latent_frames + 1):
+                first, last = self.t_c * j, self.t_c * (j + latent_frames)
+                scene = fitted_scene(prompt, readings[first:last], first)
+                if scene is not None:
+                    self.windows.append((latents[:, j : j + latent_frames], scene, first, prompt))
+        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, z in streams)
+
+
+def object_masks(frames, background):
+    """Where frames (uint8 (T, H, W, 3)) show an object on the `background` colour: pixels at least half as far from
+    it as the frame's farthest (the detector's rule); a frame with nothing 60 levels off has none. -> bool (T, H, W)."""
+    distance = np.abs(frames.astype(np.float64) - np.array(BACKGROUNDS[background], np.float64)).sum(-1)
+    farthest = distance.max(axis=(1, 2), keepdims=True)  # (T, 1, 1)
+    return (distance > 0.5 * farthest) & (farthest >= 60)
+
+
+def aligned_scene(scene, frames, first):
+    """`scene` moved on the torus to where `frames` (uint8 (T, H, W, 3), its frames first, first + 1, ... as a DiT
+    redrew them) show its object, and how well the two then agree (the masks' intersection over union). The shift is
+    the one that best lines the true object masks up with the drawn ones: the peak of their circular
+    cross-correlation, summed over the frames, so one shift for all of them."""
+    side = frames.shape[1]
+    drawn = object_masks(frames, scene.background)  # (T, H, W)
+    true = object_masks(render(scene, len(frames), side, first), scene.background)
+    correlation = np.fft.irfft2((np.fft.rfft2(drawn) * np.conj(np.fft.rfft2(true))).sum(0), s=(side, side))
+    dy, dx = np.unravel_index(np.argmax(correlation), correlation.shape)  # roll the true masks by this
+    moved = np.roll(true, (dy, dx), axis=(1, 2))
+    iou = (moved & drawn).sum() / max((moved | drawn).sum(), 1)
+    scale = SIDE / side  # Scene positions are in pixels at side 128
+    return replace(scene, x=(scene.x + dx * scale) % SIDE, y=(scene.y + dy * scale) % SIDE), float(iou)
+
+
+class RedrawnTargets(WindowTargets):
+    """Latents a DiT redrew from deep noise, each window's target the true clip moved to where the redraw put it.
+
+    A redraw from sigma above about 0.6 moves the object a few pixels, so the true frames stop being the answer
+    (`redrawn_batch` stops there); the true clip rolled on the torus to line up with what the redraw shows
+    (`aligned_scene`) is, and it keeps the true clip's exact shape, size and motion, where a stream's fitted
+    target (`StreamTargets`) only estimates them. `clips`: (caption, scene, redrawn latents (C, F, h, w)) triples;
+    windows whose masks agree less than `min_iou` (the redraw lost or split the object) are left out.
+    """
+
+    def __init__(self, clips, decode, temporal_compression, spatial_compression, latent_frames=2, min_iou=0.5):
+        super().__init__(temporal_compression, spatial_compression)
+        for prompt, scene, latents in clips:
+            frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
+            self.side = frames.shape[1]
+            for j in range(latents.shape[1] - latent_frames + 1):
+                first, last = self.t_c * j, self.t_c * (j + latent_frames)
+                moved, iou = aligned_scene(scene, frames[first:last], first)
+                if iou >= min_iou:
+                    self.windows.append((latents[:, j : j + latent_frames], moved, first, prompt))
+        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, _, z in clips)
 
 
 def stream_targets(pipe, vae, args, device):
@@ -328,6 +386,43 @@ def stream_targets(pipe, vae, args, device):
                          f"of {args.redraw_with} shows its prompt's object moving as asked; a DiT must draw the "
                          f"object before its decoder can learn to draw it better")
     print(f"stream targets: {len(targets.windows)} of {targets.candidates} windows follow their prompt")
+    return targets
+
+
+REDRAW_TARGET_SEED = 60000  # clips of batch i drawn with rng 60000 + i
+
+
+@torch.no_grad()
+def redrawn_targets(pipe, vae, args, device, batch_size=4):
+    """`RedrawnTargets` from --redraw-targets fresh clips, buffer-long, each batch of them redrawn by `pipe` from one
+    sigma ~ U[--redraw-min-noise, --redraw-noise] (kept in <output-dir>/redrawn-latents.pt, so a resumed run does
+    not redraw them again), located by `vae`'s decoder."""
+    frames = pipe.scheduler.config.buffer_frames * vae.temporal_compression
+    path = Path(args.output_dir) / "redrawn-latents.pt"
+    saved = torch.load(path) if path.exists() else {"captions": [], "scenes": [], "latents": []}
+    batches = math.ceil(args.redraw_targets / batch_size)
+    for i in tqdm(range(len(saved["latents"]), batches), desc="redraws", initial=len(saved["latents"]), total=batches):
+        rng = np.random.default_rng(REDRAW_TARGET_SEED + i)
+        videos, captions, scenes = sample_batch(rng, batch_size, frames, args.side)
+        sigma = float(rng.uniform(args.redraw_min_noise, args.redraw_noise))
+        generator = torch.Generator().manual_seed(REDRAW_TARGET_SEED + i)
+        redrawn = redraw(pipe, vae.encode(videos.to(device)), captions, sigma, generator)  # (b, C, B, h, w)
+        saved["latents"].append(redrawn.cpu())
+        saved["captions"] += captions
+        saved["scenes"] += [asdict(scene) for scene in scenes]
+        if (i + 1) % 10 == 0 or i + 1 == batches:  # a resumed run redraws at most ten batches again
+            torch.save(saved, path)
+    latents = torch.cat(saved["latents"])[: args.redraw_targets]
+    clips = [(c, Scene(**scene), z) for c, scene, z in zip(saved["captions"], saved["scenes"], latents)]
+    vae.eval()
+    targets = RedrawnTargets(clips, lambda z: vae.decode(z.to(device)).float().cpu(), vae.temporal_compression,
+                             vae.spatial_compression, args.decoder_latent_frames)
+    vae.train()
+    if not targets.windows:
+        raise ValueError(f"--redraw-targets {args.redraw_targets}: no window of {targets.candidates} in the redraws of "
+                         f"{args.redraw_with} shows its clip's object; a DiT must draw the object before its decoder "
+                         f"can learn to draw it better")
+    print(f"redraw targets: {len(targets.windows)} of {targets.candidates} windows line up with their clips")
     return targets
 
 
@@ -577,17 +672,19 @@ def fit_autoencoder(args, vae, stage, steps, normalise, redraw_pipe=None):
             return reconstruct_crops(trainable[0], batch, args, state.rng)
     else:  # the DiT's latents, redrawn or streamed, each with the frames they should decode to
         redraw_pipe.to(accelerator.device)
+        targets, crop = None, args.vae_crop // vae.spatial_compression
         if args.stream_targets:
             targets = stream_targets(redraw_pipe, vae.to(accelerator.device), args, accelerator.device)
-            crop = args.vae_crop // vae.spatial_compression
-        if not args.stream_targets or args.redrawn_share:
+        elif args.redraw_targets:
+            targets = redrawn_targets(redraw_pipe, vae.to(accelerator.device), args, accelerator.device)
+        if targets is None or args.redrawn_share:
             pool = LatentPool(vae.to(accelerator.device), args.pool_size,
                               args.pool_clip_frames * vae.temporal_compression, args.side)
 
         def make_batch(state):
-            # with --stream-targets, a --redrawn-share of the steps still redraws: true frames anchor what the
-            # stream's prompt-drawn targets only approximate
-            if args.stream_targets and state.rng.random() >= args.redrawn_share:
+            # with --stream-targets or --redraw-targets, a --redrawn-share of the steps still redraws as
+            # `redrawn_batch` does: true frames anchor what those targets only approximate
+            if targets is not None and state.rng.random() >= args.redrawn_share:
                 latents, video, prompts = targets.batch(state.rng, args.batch_size, crop)
                 return latents.to(accelerator.device), video.to(accelerator.device), prompts
             pool.refresh(state.rng, args.pool_refresh)
@@ -854,12 +951,17 @@ def parse_args(argv=None):
                    help="a pipeline whose DiT redraws the decoder's training latents (SDEdit from --redraw-noise): the "
                         "decoder learns to draw the true frames from that DiT's latents, its errors included")
     p.add_argument("--redraw-noise", type=float, default=0.5,
-                   help="redrawn latents start from noise level sigma ~ U[0, this] (1 = pure noise)")
+                   help="redrawn latents start from noise level sigma ~ U[--redraw-min-noise, this] (1 = pure noise)")
     p.add_argument("--stream-targets", type=int, default=0,
                    help="with --redraw-with: train the decoder on that pipeline's own streams of this many prompts "
                         "instead (its stored defaults), each window's target the prompt's object where the stream "
                         "shows it (StreamTargets); the streams are kept in <output-dir>/stream-latents.pt")
     p.add_argument("--stream-seconds", type=float, default=6.0, help="of each --stream-targets stream")
+    p.add_argument("--redraw-targets", type=int, default=0,
+                   help="with --redraw-with: train the decoder on this many clips that pipeline redraws once, from "
+                        "--redraw-min-noise to --redraw-noise, each window's target the true clip moved to where the "
+                        "redraw put it (RedrawnTargets); kept in <output-dir>/redrawn-latents.pt")
+    p.add_argument("--redraw-min-noise", type=float, default=0.0, help="redraws start from sigma at least this")
     p.add_argument("--decoder-channels", type=int, nargs="+", default=None,
                    help="decoder stage widths, full resolution first (default: the saved decoder's; a new "
                         "autoencoder's mirror its encoder's)")
@@ -872,7 +974,8 @@ def parse_args(argv=None):
                    help="give each video frame a temporal upsampling makes its own kernel (untied from its pair's); "
                         "the saved decoder's tied kernels become the untied ones that draw the same")
     p.add_argument("--redrawn-share", type=float, default=0.0,
-                   help="with --stream-targets: the share of steps that train on redrawn latents instead (0 to 1)")
+                   help="with --stream-targets or --redraw-targets: the share of steps that train on redrawn_batch's "
+                        "latents instead (0 to 1)")
     p.add_argument("--decoder-text", action="store_true",
                    help="with --redraw-with: the decoder also reads the prompt (pooled states of that pipeline's text "
                         "encoder, modulating its features), so where the DiT's latents leave the shape open it can "
@@ -936,8 +1039,14 @@ def main(argv=None):
     for name in ("object_weight", "edge_weight", "decoded_weight", "adversarial_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if not 0.0 < args.redraw_noise <= 1.0:
-        raise ValueError(f"--redraw-noise must lie in (0, 1], got {args.redraw_noise}")
+    if not 0.0 < args.redraw_noise <= 1.0 or not 0.0 <= args.redraw_min_noise <= args.redraw_noise:
+        raise ValueError(f"--redraw-noise must lie in (0, 1] and --redraw-min-noise in [0, --redraw-noise], got "
+                         f"{args.redraw_noise:g} and {args.redraw_min_noise:g}")
+    if args.redraw_targets < 0 or (args.redraw_targets and args.stream_targets):
+        raise ValueError(f"--redraw-targets {args.redraw_targets} must be 0 or more, and not given with "
+                         f"--stream-targets {args.stream_targets}")
+    if args.redraw_targets and args.redraw_with is None:
+        raise ValueError(f"--redraw-targets {args.redraw_targets} needs --redraw-with: the pipeline that redraws")
     if args.stream_targets < 0 or args.stream_seconds <= 0:
         raise ValueError(f"--stream-targets {args.stream_targets} and --stream-seconds {args.stream_seconds:g} must "
                          f"be 0 or more and more than 0")
