@@ -480,7 +480,7 @@ def test_redrawn_batches_pair_each_latent_window_with_its_frames():
                                                   num_layers=1, num_heads=2), tokenizer)
     pool, rng = LatentPool(_PixelVae(), size=3, clip_frames=10, side=16), np.random.default_rng(0)
     pool.refresh(rng, 1)
-    args = argparse.Namespace(batch_size=6, redraw_noise=1e-6, side=16)
+    args = argparse.Namespace(batch_size=6, redraw_min_noise=0.0, redraw_noise=1e-6, side=16)
     latents, video, captions = redrawn_batch(pool, pipe, rng, args)
     assert latents.shape == video.shape == (6, 3, 2, 16, 16) and len(captions) == 6
     for v, text in zip(video, captions):  # each window's caption tells its own clip's scene
