@@ -214,6 +214,16 @@ def true_frames(scene, latent_start, latent_frames, t_c, side):
     return to_video(render(scene, latent_frames * t_c, side, t_c * latent_start))
 
 
+@torch.no_grad()
+def located(targets, items, vae, device, args):
+    """`targets` (StreamTargets or RedrawnTargets) of `items`, their objects located by `vae`'s decoder."""
+    vae.eval()
+    found = targets(items, lambda z: vae.decode(z.to(device)).float().cpu(), vae.temporal_compression,
+                    vae.spatial_compression, args.decoder_latent_frames)
+    vae.train()
+    return found
+
+
 STREAM_TARGET_SEED = 40000  # prompts and stream seeds 40000 + i, apart from the evaluation's (1000, 7000, 9000 + i)
 
 
@@ -376,11 +386,7 @@ def stream_targets(pipe, vae, args, device):
         if (i + 1) % 10 == 0 or i + 1 == len(prompts):  # a resumed run streams at most ten again
             torch.save(saved, path)
     streams = [(p, z[:, : chunks * chunk_size]) for p, z in zip(prompts, saved["latents"])]
-    with torch.no_grad():
-        vae.eval()
-        targets = StreamTargets(streams, lambda z: vae.decode(z.to(device)).float().cpu(), vae.temporal_compression,
-                                vae.spatial_compression, args.decoder_latent_frames)
-        vae.train()
+    targets = located(StreamTargets, streams, vae, device, args)
     if not targets.windows:
         raise ValueError(f"--stream-targets {args.stream_targets}: no window of {targets.candidates} in the streams "
                          f"of {args.redraw_with} shows its prompt's object moving as asked; a DiT must draw the "
@@ -414,10 +420,7 @@ def redrawn_targets(pipe, vae, args, device, batch_size=4):
             torch.save(saved, path)
     latents = torch.cat(saved["latents"])[: args.redraw_targets]
     clips = [(c, Scene(**scene), z) for c, scene, z in zip(saved["captions"], saved["scenes"], latents)]
-    vae.eval()
-    targets = RedrawnTargets(clips, lambda z: vae.decode(z.to(device)).float().cpu(), vae.temporal_compression,
-                             vae.spatial_compression, args.decoder_latent_frames)
-    vae.train()
+    targets = located(RedrawnTargets, clips, vae, device, args)
     if not targets.windows:
         raise ValueError(f"--redraw-targets {args.redraw_targets}: no window of {targets.candidates} in the redraws of "
                          f"{args.redraw_with} shows its clip's object; a DiT must draw the object before its decoder "
