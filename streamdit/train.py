@@ -279,6 +279,18 @@ class WindowTargets:
 
     def __init__(self, temporal_compression, spatial_compression, side=SIDE):
         self.t_c, self.s, self.side, self.windows = temporal_compression, spatial_compression, side, []
+        self.candidates = 0  # windows offered, kept or not
+
+    def add(self, latents, frames, prompt, scene_at, latent_frames):
+        """Each window of `latents` (C, F, h, w), whose decoded `frames` (T, H, W, 3) are given, with the scene
+        `scene_at(first, last)` says its video frames first .. last - 1 should show; None leaves the window out."""
+        self.side = frames.shape[1]
+        for j in range(latents.shape[1] - latent_frames + 1):
+            first = self.t_c * j
+            scene = scene_at(first, first + self.t_c * latent_frames)
+            self.candidates += 1
+            if scene is not None:
+                self.windows.append((latents[:, j : j + latent_frames], scene, first, prompt))
 
     def batch(self, rng, batch_size, crop):
         """-> latents (b, C, latent_frames, crop, crop) around the object (a latent or so off centre, at random), the
@@ -312,14 +324,9 @@ class StreamTargets(WindowTargets):
         super().__init__(temporal_compression, spatial_compression)
         for prompt, latents in streams:
             frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
-            self.side = frames.shape[1]
             readings = [read_frame(f) for f in frames]
-            for j in range(latents.shape[1] - latent_frames + 1):
-                first, last = self.t_c * j, self.t_c * (j + latent_frames)
-                scene = fitted_scene(prompt, readings[first:last], first)
-                if scene is not None:
-                    self.windows.append((latents[:, j : j + latent_frames], scene, first, prompt))
-        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, z in streams)
+            self.add(latents, frames, prompt, lambda first, last: fitted_scene(prompt, readings[first:last], first),
+                     latent_frames)
 
 
 def object_masks(frames, background):
@@ -358,15 +365,14 @@ class RedrawnTargets(WindowTargets):
 
     def __init__(self, clips, decode, temporal_compression, spatial_compression, latent_frames=2, min_iou=0.5):
         super().__init__(temporal_compression, spatial_compression)
+
+        def lined_up(first, last):
+            moved, iou = aligned_scene(scene, frames[first:last], first)
+            return moved if iou >= min_iou else None
+
         for prompt, scene, latents in clips:
             frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
-            self.side = frames.shape[1]
-            for j in range(latents.shape[1] - latent_frames + 1):
-                first, last = self.t_c * j, self.t_c * (j + latent_frames)
-                moved, iou = aligned_scene(scene, frames[first:last], first)
-                if iou >= min_iou:
-                    self.windows.append((latents[:, j : j + latent_frames], moved, first, prompt))
-        self.candidates = sum(z.shape[1] - latent_frames + 1 for _, _, z in clips)
+            self.add(latents, frames, prompt, lined_up, latent_frames)
 
 
 def stream_targets(pipe, vae, args, device):
@@ -402,10 +408,13 @@ REDRAW_TARGET_SEED = 60000  # clips of batch i drawn with rng 60000 + i
 def redrawn_targets(pipe, vae, args, device, batch_size=4):
     """`RedrawnTargets` from --redraw-targets fresh clips, buffer-long, each batch of them redrawn by `pipe` from one
     sigma ~ U[--redraw-min-noise, --redraw-noise] (kept in <output-dir>/redrawn-latents.pt, so a resumed run does
-    not redraw them again), located by `vae`'s decoder."""
+    not redraw them again; redraws from another noise range or side are made again), located by `vae`'s decoder."""
     frames = pipe.scheduler.config.buffer_frames * vae.temporal_compression
     path = Path(args.output_dir) / "redrawn-latents.pt"
-    saved = torch.load(path) if path.exists() else {"captions": [], "scenes": [], "latents": []}
+    made = {"noise": [args.redraw_min_noise, args.redraw_noise], "side": args.side}
+    saved = torch.load(path) if path.exists() else {}
+    if {k: saved.get(k) for k in made} != made:  # none yet, or redrawn from other noise or at another side
+        saved = {**made, "captions": [], "scenes": [], "latents": []}
     batches = math.ceil(args.redraw_targets / batch_size)
     for i in tqdm(range(len(saved["latents"]), batches), desc="redraws", initial=len(saved["latents"]), total=batches):
         rng = np.random.default_rng(REDRAW_TARGET_SEED + i)

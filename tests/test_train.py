@@ -786,7 +786,7 @@ def test_redrawn_targets_pair_each_window_with_its_clip_where_the_redraw_put_it(
 def test_decoder_stage_redraws_its_targets_once_and_trains_on_them(run, tmp_path, capsys, monkeypatch):
     """--redraw-targets redraws its clips with --redraw-with's DiT and keeps them. The tiny run's decoder draws no
     object yet, so no window lines up and the stage says so; with the alignment taken as given (it is tested above)
-    the decoder trains on the kept redraws without redrawing them."""
+    the decoder trains on the kept redraws without redrawing them, unless they were made from other noise."""
     import streamdit.train
 
     out = tmp_path / "redrawn-targets"
@@ -803,3 +803,6 @@ def test_decoder_stage_redraws_its_targets_once_and_trains_on_them(run, tmp_path
     main(command)
     assert "redraw targets: 18 of 18 windows line up with their clips" in capsys.readouterr().out
     assert len(losses(out / "decoder-loss.csv")) == 2
+    assert kept["noise"] == [0.0, 0.5] and kept["side"] == 32
+    with pytest.raises(TypeError, match="not callable"):  # redraws from other noise are not reused: it redraws
+        main([*command, "--redraw-noise", "0.4"])
