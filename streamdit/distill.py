@@ -72,13 +72,18 @@ def teacher_targets(teacher, scheduler, x_start, partition, text, mask, uncond, 
 
 class TeacherStreams:
     """The teacher's own streams, `streams` batches of `batch_size` random captions each, taken in turn so that
-    consecutive batches come from different streams. Each `segment` is one chunk of a stream: the buffer as a release
-    left it (every chunk at its segment start) and where the teacher's s guided micro steps took it before the next
-    release. A stream starts afresh (new captions, pure noise, the start-up) after `chunks` chunks. Not checkpointed:
-    a resumed run starts new streams, from the data RNG."""
+    consecutive batches come from different streams. Each `segment` is one of the student's s' steps of a stream: the
+    buffer where the teacher's stream stands at the start of a student's step (after a release: every chunk at its
+    segment start) and where the teacher's s / s' guided micro steps took it, shifted by the release when that step
+    ends the chunk. With s' = 1 a segment is a whole chunk; with s' = s it is one micro step, whose target is the
+    teacher's guided velocity there. A stream starts afresh (new captions, pure noise, the start-up) after `chunks`
+    chunks. Not checkpointed: a resumed run starts new streams, from the data RNG."""
 
-    def __init__(self, pipe, batch_size, micro_steps, guidance_scale, streams=4, chunks=16):
+    def __init__(self, pipe, batch_size, micro_steps, guidance_scale, streams=4, chunks=16, student_micro_steps=1):
+        if micro_steps % student_micro_steps:
+            raise ValueError(f"student_micro_steps={student_micro_steps} must divide micro_steps={micro_steps}")
         self.pipe, self.batch_size, self.micro_steps, self.guidance_scale = pipe, batch_size, micro_steps, guidance_scale
+        self.steps = micro_steps // student_micro_steps  # the teacher's micro steps in one of the student's
         self.chunks = chunks
         self.states, self.turn = [None] * streams, 0
 
@@ -100,17 +105,21 @@ class TeacherStreams:
             state = self.states[i] = self._start(rng)
         buffer = state.buffer  # the same object after the micro steps; they replace its tensors, never write in them
         x_start, tau_start, levels = buffer.latents, buffer.tau(), buffer.levels
+        tau_end = buffer.taus[torch.minimum(levels + self.steps, buffer.caps)]
+        ends_chunk = bool((levels + self.steps >= buffer.caps).all())
         released = None
-        for _ in range(self.micro_steps):
+        for _ in range(self.steps):
             state, released = self.pipe.advance(state)
+        if (released is not None) != ends_chunk:
+            raise RuntimeError(f"the teacher's stream {'did not release' if ends_chunk else 'released'} a chunk "
+                               f"after {self.steps} micro steps from levels {levels.tolist()}")
         if released is None:
-            raise RuntimeError("the teacher's stream did not release a chunk after s micro steps")
+            return x_start, tau_start, buffer.latents, tau_end, state.prompt_embeds, state.prompt_mask
         # The buffer just before the release: its first c frames (reference frames, then the released chunk) and
         # the rest, which the release shifted to the front.
         k, c = buffer.partition.reference_frames, buffer.partition.chunk_size
         front = torch.cat([x_start[:, :, :k].to(released.device), released], dim=2)[:, :, :c]
         x_end = torch.cat([front, buffer.latents[:, :, :-c].to(released.device)], dim=2)
-        tau_end = buffer.taus[torch.minimum(levels + self.micro_steps, buffer.caps)]
         return x_start, tau_start, x_end, tau_end, state.prompt_embeds, state.prompt_mask
 
 
@@ -176,9 +185,6 @@ def main(argv=None):
     s, s_student = args.micro_steps, args.student_micro_steps
     if s < 1 or s_student < 1 or s % s_student:
         raise ValueError(f"--student-micro-steps {s_student} must be a positive divisor of --micro-steps {s}")
-    if args.teacher_buffers > 0 and s_student != 1:
-        raise ValueError(f"--teacher-buffers {args.teacher_buffers} needs --student-micro-steps 1 (the teacher's "
-                         f"streams give whole segments), not {s_student}")
     if args.export_only:
         args.steps = 0
     out = Path(args.output_dir)
@@ -198,7 +204,7 @@ def main(argv=None):
         return pool.sample(state.rng, args.batch_size, buffer_frames)
 
     streams = TeacherStreams(pipe, args.batch_size, args.micro_steps, args.guidance_scale, args.teacher_streams,
-                             args.stream_chunks)
+                             args.stream_chunks, s_student)
 
     def loss(trainable, batch, state):
         if args.teacher_buffers > 0 and state.rng.random() < args.teacher_buffers:

@@ -169,8 +169,10 @@ def test_distillation_exports_a_student_with_its_micro_steps_and_checks_them(tmp
     assert student.scheduler.config.micro_steps == 2 and student.config.guidance_scale == 1.0
     with pytest.raises(ValueError, match="--student-micro-steps 3"):
         main([*args, "--student-micro-steps", "3"])
-    with pytest.raises(ValueError, match="--teacher-buffers 0.5"):
-        main([*args, "--student-micro-steps", "2", "--teacher-buffers", "0.5"])
+    main([*args, "--student-micro-steps", "2", "--teacher-buffers", "1", "--steps", "6", "--teacher-streams", "1",
+          "--stream-chunks", "2"])  # the teacher's streams in the student's steps: resumed from step 4
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "run" / "distill-loss.csv").open())]
+    assert len(losses) == 6 and all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize("reference_frames", [0, 2])
@@ -200,6 +202,41 @@ def test_teacher_streams_give_the_teachers_own_buffers_and_its_guided_steps(refe
         assert torch.equal(segments[second][4], segments[first][4])  # its captions
     assert not torch.equal(segments[4][4], segments[0][4])  # after 2 chunks: a new stream, new captions
     assert not torch.equal(segments[1][4], segments[0][4])  # the two streams have their own
+
+
+@pytest.mark.parametrize("student_micro_steps", [2, 4])
+def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_steps(student_micro_steps):
+    """With s' > 1 a segment is one of the student's steps: it starts at `student_levels` of that step (the stream
+    mid-chunk) and ends where s / s' guided micro steps take it, as `teacher_targets` computes; only the last of a
+    chunk's s' steps releases. With s' = s the target velocity (x_end - x_start) / dtau is the teacher's guided
+    velocity at the start."""
+    pipe = tiny_pipeline()
+    s, g = 4, 2.5
+    streams = TeacherStreams(pipe, 2, s, g, streams=1, chunks=3, student_micro_steps=student_micro_steps)
+    partition = pipe.scheduler.partition(None, s, None)
+    taus, c, steps = pipe.scheduler.taus(partition), partition.chunk_size, s // student_micro_steps
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    rng = np.random.default_rng(0)
+    segments = [streams.segment(rng) for _ in range(2 * student_micro_steps)]  # two chunks of one stream
+    for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
+        j = i % student_micro_steps
+        levels = student_levels(partition, j, student_micro_steps)
+        torch.testing.assert_close(tau_start, taus[levels])
+        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
+                                                        mask, uncond, uncond_mask, g, levels, steps)
+        torch.testing.assert_close(tau_end, expected_tau_end)
+        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
+        if student_micro_steps == s:
+            velocity = guided_velocity(pipe.transformer, x_start, tau_start, text, mask, uncond, uncond_mask, g)
+            dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
+            moving = dtau.flatten() > 0
+            torch.testing.assert_close(((x_end - x_start) / dtau)[:, :, moving], velocity[:, :, moving],
+                                       atol=1e-4, rtol=1e-4)
+        following = segments[i + 1][0] if i + 1 < len(segments) else None
+        if following is not None:  # the next step starts where this one ended, shifted by a chunk after a release
+            shifted = x_end[:, :, c:] if j == student_micro_steps - 1 else x_end
+            torch.testing.assert_close(following[:, :, : shifted.shape[2]], shifted)
 
 
 def test_distillation_on_teacher_buffers_runs_and_checks_its_fraction(tmp_path):
