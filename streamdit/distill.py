@@ -10,7 +10,9 @@ their segments (a partition drawn from the mixed set, a point drawn from the for
 the teacher's s guided Euler steps take every chunk: the end of its segment. Step and guidance distillation together.
 With --teacher-buffers p, that fraction of batches are instead the buffers of the teacher's own streams
 (`TeacherStreams`), as a stream meets them: a chunk at a segment start has been made by the previous segments' guided
-steps, not drawn from the forward process, and guidance moves it off the forward process's marginals.
+steps, not drawn from the forward process, and guidance moves it off the forward process's marginals. With s' > 1
+such a batch is one of the student's steps of the teacher's stream, its target the teacher's s / s' guided micro
+steps from there (the shipped student: s' = 4, --teacher-buffers 0.75).
 With --student-micro-steps s' the student takes s' steps per segment instead of one, each where s / s' guided
 teacher steps go (s' = s is guidance distillation alone): fewer steps to learn for a small model, at s' function
 evaluations per released chunk instead of 2 s.
@@ -175,6 +177,9 @@ def parse_args(argv=None):
                    help="fraction of batches taken from the teacher's own streams instead of the forward process")
     p.add_argument("--teacher-streams", type=int, default=4, help="streams of --batch-size captions each, in turn")
     p.add_argument("--stream-chunks", type=int, default=16, help="chunks a teacher stream runs before a new one")
+    p.add_argument("--switch-strength", type=float, default=None,
+                   help="the student's stored switch strength (default: the teacher's); a student with fewer micro "
+                        "steps pays less for a deeper switch")
     return p.parse_args(argv)
 
 
@@ -185,6 +190,8 @@ def main(argv=None):
     s, s_student = args.micro_steps, args.student_micro_steps
     if s < 1 or s_student < 1 or s % s_student:
         raise ValueError(f"--student-micro-steps {s_student} must be a positive divisor of --micro-steps {s}")
+    if args.switch_strength is not None and not 0.0 <= args.switch_strength <= 1.0:
+        raise ValueError(f"--switch-strength {args.switch_strength} must be in [0, 1]")
     if args.export_only:
         args.steps = 0
     out = Path(args.output_dir)
@@ -215,7 +222,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         scheduler.register_to_config(micro_steps=s_student)
         student_pipe = StreamDiTPipeline(student.eval(), scheduler, vae, text_encoder, pipe.tokenizer, guidance_scale=1.0,
-                                         switch_strength=pipe.config.switch_strength,
+                                         switch_strength=(pipe.config.switch_strength if args.switch_strength is None
+                                                          else args.switch_strength),
                                          warmup_chunks=pipe.config.warmup_chunks)
         student_pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved the student pipeline to {out / 'pipeline'}")
