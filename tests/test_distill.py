@@ -216,6 +216,8 @@ def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_st
     pipe = tiny_pipeline()
     s, g = 4, 2.5
     streams = TeacherStreams(pipe, 2, s, g, streams=1, chunks=3, student_micro_steps=student_micro_steps)
+    with pytest.raises(ValueError, match="student_micro_steps=3"):
+        TeacherStreams(pipe, 2, s, g, student_micro_steps=3)
     partition = pipe.scheduler.partition(None, s, None)
     taus, c, steps = pipe.scheduler.taus(partition), partition.chunk_size, s // student_micro_steps
     with torch.no_grad():
