@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "PRESETS",
     "Partition",
+    "STUDENT_MODEL",
     "StreamBuffer",
     "StreamChunk",
     "StreamDiTAutoencoder",
@@ -28,7 +29,6 @@ __all__ = [
     "StreamDiTTextEncoder",
     "StreamState",
     "StreamDiTTransformer3DModel",
-    "STUDENT_MODEL",
     "build_tokenizer",
     "from_preset",
 ]

@@ -365,13 +365,13 @@ class RedrawnTargets(WindowTargets):
 
     def __init__(self, clips, decode, temporal_compression, spatial_compression, latent_frames=2, min_iou=0.5):
         super().__init__(temporal_compression, spatial_compression)
-
-        def lined_up(first, last):
-            moved, iou = aligned_scene(scene, frames[first:last], first)
-            return moved if iou >= min_iou else None
-
         for prompt, scene, latents in clips:
             frames = to_frames(decode(latents[None])[0])  # (T, H, W, 3)
+
+            def lined_up(first, last):  # this clip's scene and frames, used at once by add
+                moved, iou = aligned_scene(scene, frames[first:last], first)
+                return moved if iou >= min_iou else None
+
             self.add(latents, frames, prompt, lined_up, latent_frames)
 
 
