@@ -12,7 +12,8 @@ With --teacher-buffers p, that fraction of batches are instead the buffers of th
 (`TeacherStreams`), as a stream meets them: a chunk at a segment start has been made by the previous segments' guided
 steps, not drawn from the forward process, and guidance moves it off the forward process's marginals. With s' > 1
 such a batch is one of the student's steps of the teacher's stream, its target the teacher's s / s' guided micro
-steps from there (the shipped student: s' = 4, --teacher-buffers 0.75).
+steps from there (the shipped student: s' = 4, --teacher-buffers 0.75). With --student-buffers q, that fraction are
+the buffers of the student's own streams (`StudentStreams`, on-policy), with the teacher's targets from there.
 With --student-micro-steps s' the student takes s' steps per segment instead of one, each where s / s' guided
 teacher steps go (s' = s is guidance distillation alone): fewer steps to learn for a small model, at s' function
 evaluations per released chunk instead of 2 s.
@@ -88,23 +89,30 @@ class TeacherStreams:
         self.steps = micro_steps // student_micro_steps  # the teacher's micro steps in one of the student's
         self.chunks = chunks
         self.states, self.turn = [None] * streams, 0
+        self.stream_micro_steps, self.stream_guidance = micro_steps, guidance_scale  # how the streams run: the teacher's
 
     def _start(self, rng):
         captions = [caption(sample_scene(rng), rng) for _ in range(self.batch_size)]
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        state = self.pipe.prepare_stream(captions, micro_steps=self.micro_steps, guidance_scale=self.guidance_scale,
-                                         generator=generator, switch_strength=0.0, warmup_chunks=0)
+        state = self.pipe.prepare_stream(captions, micro_steps=self.stream_micro_steps,
+                                         guidance_scale=self.stream_guidance, generator=generator, switch_strength=0.0,
+                                         warmup_chunks=0)
         released = None
         while released is None:  # the start-up: a uniform generation until chunk 0 is clean (the student learns it)
             state, released = self.pipe.advance(state)
         return state
 
-    def segment(self, rng):
-        """-> x_start, tau_start (F,), x_end, tau_end (F,), text (b, L, E), mask (b, L) of one chunk of a stream."""
+    def _stream(self, rng):
+        """The next stream in turn, started afresh once it has run `chunks` chunks."""
         i, self.turn = self.turn, (self.turn + 1) % len(self.states)
         state = self.states[i]
-        if state is None or state.micro_step >= (self.chunks + state.buffer.partition.num_chunks) * self.micro_steps:
+        if state is None or state.micro_step >= (self.chunks + state.buffer.partition.num_chunks) * self.stream_micro_steps:
             state = self.states[i] = self._start(rng)
+        return state
+
+    def segment(self, rng):
+        """-> x_start, tau_start (F,), x_end, tau_end (F,), text (b, L, E), mask (b, L) of one chunk of a stream."""
+        state = self._stream(rng)
         buffer = state.buffer  # the same object after the micro steps; they replace its tensors, never write in them
         x_start, tau_start, levels = buffer.latents, buffer.tau(), buffer.levels
         tau_end = buffer.taus[torch.minimum(levels + self.steps, buffer.caps)]
@@ -124,6 +132,38 @@ class TeacherStreams:
         x_end = torch.cat([front, buffer.latents[:, :, :-c].to(released.device)], dim=2)
         return x_start, tau_start, x_end, tau_end, state.prompt_embeds, state.prompt_mask
 
+
+
+class StudentStreams(TeacherStreams):
+    """The student's own streams (on-policy distillation, as DAgger): each `segment` is the buffer where a stream of
+    the student stands at the start of one of its micro steps, and its target is where the teacher's s / s' guided
+    micro steps take that buffer. The teacher's streams show the student only buffers the teacher makes; a stream of
+    the student drifts, step by step, into buffers of its own, and these teach it the way back. The stream then moves
+    on by the student's own step (its current weights, no guidance), not the teacher's. The student's level l on its
+    grid of N s' steps is the teacher's l s / s' on its grid of N s (both uniform in u, the same shift)."""
+
+    def __init__(self, pipe, student, batch_size, micro_steps, guidance_scale, streams=4, chunks=16,
+                 student_micro_steps=1):
+        super().__init__(pipe, batch_size, micro_steps, guidance_scale, streams, chunks, student_micro_steps)
+        self.teacher = pipe.transformer
+        self.pipe = StreamDiTPipeline(student, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.stream_micro_steps, self.stream_guidance = student_micro_steps, 1.0
+
+    @torch.no_grad()
+    def segment(self, rng):
+        """-> x_start, tau_start (F,), x_end, tau_end (F,), text (b, L, E), mask (b, L) of one student's step."""
+        state = self._stream(rng)
+        x_start, levels, partition = state.buffer.latents, state.buffer.levels, state.buffer.partition
+        teacher_partition = type(partition)(partition.reference_frames, partition.num_chunks, partition.chunk_size,
+                                            self.micro_steps)
+        uncond, uncond_mask = self.pipe.encode_prompt([""] * x_start.shape[0], x_start.device)
+        x_end, tau_start, tau_end = teacher_targets(self.teacher, self.pipe.scheduler, x_start, teacher_partition,
+                                                    state.prompt_embeds, state.prompt_mask, uncond, uncond_mask,
+                                                    self.guidance_scale, levels * self.steps, self.steps)
+        text, mask = state.prompt_embeds, state.prompt_mask
+        self.pipe.advance(state)  # the student's own step: where this stream goes next
+        return x_start, tau_start, x_end, tau_end, text, mask
 
 def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask):
     """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau.
@@ -175,7 +215,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--teacher-buffers", type=float, default=0.0,
                    help="fraction of batches taken from the teacher's own streams instead of the forward process")
-    p.add_argument("--teacher-streams", type=int, default=4, help="streams of --batch-size captions each, in turn")
+    p.add_argument("--student-buffers", type=float, default=0.0,
+                   help="fraction of batches taken from the student's own streams, with the teacher's targets there "
+                        "(on-policy; the rest of the batches come from the forward process)")
+    p.add_argument("--teacher-streams", type=int, default=4,
+                   help="streams of --batch-size captions each, in turn (and as many of the student's)")
     p.add_argument("--stream-chunks", type=int, default=16, help="chunks a teacher stream runs before a new one")
     p.add_argument("--switch-strength", type=float, default=None,
                    help="the student's stored switch strength (default: the teacher's); a student with fewer micro "
@@ -185,8 +229,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not 0.0 <= args.teacher_buffers <= 1.0:
-        raise ValueError(f"--teacher-buffers {args.teacher_buffers} must be a fraction in [0, 1]")
+    for name, fraction in (("--teacher-buffers", args.teacher_buffers), ("--student-buffers", args.student_buffers)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} {fraction} must be a fraction in [0, 1]")
+    if args.teacher_buffers + args.student_buffers > 1.0:
+        raise ValueError(f"--teacher-buffers {args.teacher_buffers} and --student-buffers {args.student_buffers} add "
+                         "up to more than 1")
     s, s_student = args.micro_steps, args.student_micro_steps
     if s < 1 or s_student < 1 or s % s_student:
         raise ValueError(f"--student-micro-steps {s_student} must be a positive divisor of --micro-steps {s}")
@@ -213,9 +261,16 @@ def main(argv=None):
     streams = TeacherStreams(pipe, args.batch_size, args.micro_steps, args.guidance_scale, args.teacher_streams,
                              args.stream_chunks, s_student)
 
+    own_streams = StudentStreams(pipe, student, args.batch_size, args.micro_steps, args.guidance_scale,
+                                 args.teacher_streams, args.stream_chunks, s_student)
+
     def loss(trainable, batch, state):
-        if args.teacher_buffers > 0 and state.rng.random() < args.teacher_buffers:
-            return segment_loss(trainable[0], *streams.segment(state.rng))
+        if args.teacher_buffers + args.student_buffers > 0:
+            draw = state.rng.random()  # one draw, as before --student-buffers existed
+            if draw < args.teacher_buffers:
+                return segment_loss(trainable[0], *streams.segment(state.rng))
+            if draw < args.teacher_buffers + args.student_buffers:
+                return segment_loss(trainable[0], *own_streams.segment(state.rng))
         return distill_loss(trainable[0], teacher, text_encoder, pipe.tokenizer, scheduler, batch, args, state)
 
     (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)

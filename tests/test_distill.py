@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import TeacherStreams, distill_loss, main, segment_starts, student_levels, teacher_targets
+from streamdit.distill import (StudentStreams, TeacherStreams, distill_loss, main, segment_starts, student_levels,
+                               teacher_targets)
 from streamdit.pipeline import guided_velocity
 from streamdit.train import TrainState
 
@@ -244,7 +245,47 @@ def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_st
             torch.testing.assert_close(following[:, :, : shifted.shape[2]], shifted)
 
 
-def test_distillation_on_teacher_buffers_runs_and_checks_its_fraction(tmp_path):
+
+@pytest.mark.parametrize("student_micro_steps", [1, 2])
+def test_student_streams_give_the_students_own_buffers_and_the_teachers_guided_steps_from_there(student_micro_steps):
+    """On-policy: a segment starts where the student's own stream stands at one of its steps (the teacher's level s / s'
+    times the student's), its target is the teacher's s / s' guided micro steps from there (`teacher_targets`), and
+    the next segment starts where the student's own step went, not where the teacher's did."""
+    pipe = tiny_pipeline()
+    student = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        for param in student.parameters():  # a student that is not the teacher
+            param.add_(0.05 * torch.randn_like(param))
+    s, g = 4, 2.5
+    streams = StudentStreams(pipe, student, 2, s, g, streams=1, chunks=3, student_micro_steps=student_micro_steps)
+    partition = pipe.scheduler.partition(None, s, None)
+    student_partition = pipe.scheduler.partition(None, student_micro_steps, None)
+    taus, c, steps = pipe.scheduler.taus(partition), partition.chunk_size, s // student_micro_steps
+    student_taus = pipe.scheduler.taus(student_partition)
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    rng = np.random.default_rng(0)
+    segments = [streams.segment(rng) for _ in range(2 * student_micro_steps)]  # two chunks of one stream
+    for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
+        j = i % student_micro_steps
+        levels = student_levels(partition, j, student_micro_steps)
+        torch.testing.assert_close(tau_start, taus[levels])
+        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
+                                                        mask, uncond, uncond_mask, g, levels, steps)
+        torch.testing.assert_close(tau_end, expected_tau_end)
+        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
+        if i + 1 == len(segments):
+            break
+        with torch.no_grad():  # the student's own Euler step from x_start, on its grid
+            next_tau = student_taus[torch.minimum(levels // steps + 1, student_partition.caps())]
+            velocity = student(x_start, tau_start.expand(2, -1), text, mask).sample.float()
+            went = pipe.scheduler.step(velocity, x_start, tau_start, next_tau).prev_sample
+        shifted = went[:, :, c:] if j == student_micro_steps - 1 else went
+        following = segments[i + 1][0][:, :, : shifted.shape[2]]
+        torch.testing.assert_close(following, shifted, atol=1e-5, rtol=1e-5)
+        assert (following - (x_end[:, :, c:] if j == student_micro_steps - 1 else x_end)).abs().max() > 1e-3
+
+def test_distillation_on_teacher_and_student_buffers_runs_and_checks_their_fractions(tmp_path):
     teacher = tiny_pipeline()
     teacher.save_pretrained(tmp_path / "teacher")
     args = ["--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "run"), "--side", "16",
@@ -256,6 +297,11 @@ def test_distillation_on_teacher_buffers_runs_and_checks_its_fraction(tmp_path):
     assert len(losses) == 6 and all(np.isfinite(losses))
     with pytest.raises(ValueError, match="1.5"):
         main([*args, "--teacher-buffers", "1.5"])
+    main([*args, "--teacher-buffers", "0.5", "--student-buffers", "0.5", "--output-dir", str(tmp_path / "on-policy")])
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "on-policy" / "distill-loss.csv").open())]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="--student-buffers 0.75 add up to more than 1"):
+        main([*args, "--teacher-buffers", "0.5", "--student-buffers", "0.75"])
 
 
 def test_the_shipped_student_is_the_default_models_with_its_own_transformer():
