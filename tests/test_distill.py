@@ -208,6 +208,25 @@ def test_teacher_streams_give_the_teachers_own_buffers_and_its_guided_steps(refe
     assert not torch.equal(segments[1][4], segments[0][4])  # the two streams have their own
 
 
+def check_teachers_steps(pipe, segments, s, g, student_micro_steps):
+    """Each segment, the student's step j = i mod s' of a stream, starts at `student_levels` of that step and ends
+    where s / s' of the teacher's guided micro steps take it (`teacher_targets`). Returns each one's levels."""
+    partition = pipe.scheduler.partition(None, s, None)
+    taus, steps = pipe.scheduler.taus(partition), s // student_micro_steps
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    all_levels = []
+    for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
+        levels = student_levels(partition, i % student_micro_steps, student_micro_steps)
+        torch.testing.assert_close(tau_start, taus[levels])
+        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
+                                                        mask, uncond, uncond_mask, g, levels, steps)
+        torch.testing.assert_close(tau_end, expected_tau_end)
+        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
+        all_levels.append(levels)
+    return all_levels
+
+
 @pytest.mark.parametrize("student_micro_steps", [2, 4])
 def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_steps(student_micro_steps):
     """With s' > 1 a segment is one of the student's steps: it starts at `student_levels` of that step (the stream
@@ -219,31 +238,22 @@ def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_st
     streams = TeacherStreams(pipe, 2, s, g, streams=1, chunks=3, student_micro_steps=student_micro_steps)
     with pytest.raises(ValueError, match="student_micro_steps=3"):
         TeacherStreams(pipe, 2, s, g, student_micro_steps=3)
-    partition = pipe.scheduler.partition(None, s, None)
-    taus, c, steps = pipe.scheduler.taus(partition), partition.chunk_size, s // student_micro_steps
-    with torch.no_grad():
-        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    c = pipe.scheduler.config.chunk_size
     rng = np.random.default_rng(0)
     segments = [streams.segment(rng) for _ in range(2 * student_micro_steps)]  # two chunks of one stream
+    check_teachers_steps(pipe, segments, s, g, student_micro_steps)
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
     for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
-        j = i % student_micro_steps
-        levels = student_levels(partition, j, student_micro_steps)
-        torch.testing.assert_close(tau_start, taus[levels])
-        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
-                                                        mask, uncond, uncond_mask, g, levels, steps)
-        torch.testing.assert_close(tau_end, expected_tau_end)
-        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
         if student_micro_steps == s:
             velocity = guided_velocity(pipe.transformer, x_start, tau_start, text, mask, uncond, uncond_mask, g)
             dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
             moving = dtau.flatten() > 0
             torch.testing.assert_close(((x_end - x_start) / dtau)[:, :, moving], velocity[:, :, moving],
                                        atol=1e-4, rtol=1e-4)
-        following = segments[i + 1][0] if i + 1 < len(segments) else None
-        if following is not None:  # the next step starts where this one ended, shifted by a chunk after a release
-            shifted = x_end[:, :, c:] if j == student_micro_steps - 1 else x_end
-            torch.testing.assert_close(following[:, :, : shifted.shape[2]], shifted)
-
+        if i + 1 < len(segments):  # the next step starts where this one ended, shifted by a chunk after a release
+            shifted = x_end[:, :, c:] if i % student_micro_steps == student_micro_steps - 1 else x_end
+            torch.testing.assert_close(segments[i + 1][0][:, :, : shifted.shape[2]], shifted)
 
 
 @pytest.mark.parametrize("student_micro_steps", [1, 2])
@@ -258,32 +268,22 @@ def test_student_streams_give_the_students_own_buffers_and_the_teachers_guided_s
             param.add_(0.05 * torch.randn_like(param))
     s, g = 4, 2.5
     streams = StudentStreams(pipe, student, 2, s, g, streams=1, chunks=3, student_micro_steps=student_micro_steps)
-    partition = pipe.scheduler.partition(None, s, None)
     student_partition = pipe.scheduler.partition(None, student_micro_steps, None)
-    taus, c, steps = pipe.scheduler.taus(partition), partition.chunk_size, s // student_micro_steps
-    student_taus = pipe.scheduler.taus(student_partition)
-    with torch.no_grad():
-        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    student_taus, c = pipe.scheduler.taus(student_partition), student_partition.chunk_size
     rng = np.random.default_rng(0)
     segments = [streams.segment(rng) for _ in range(2 * student_micro_steps)]  # two chunks of one stream
-    for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
-        j = i % student_micro_steps
-        levels = student_levels(partition, j, student_micro_steps)
-        torch.testing.assert_close(tau_start, taus[levels])
-        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
-                                                        mask, uncond, uncond_mask, g, levels, steps)
-        torch.testing.assert_close(tau_end, expected_tau_end)
-        torch.testing.assert_close(x_end, expected, atol=1e-5, rtol=1e-5)
-        if i + 1 == len(segments):
-            break
+    all_levels = check_teachers_steps(pipe, segments, s, g, student_micro_steps)
+    for i, ((x_start, tau_start, x_end, _, text, mask), levels) in enumerate(zip(segments[:-1], all_levels)):
         with torch.no_grad():  # the student's own Euler step from x_start, on its grid
-            next_tau = student_taus[torch.minimum(levels // steps + 1, student_partition.caps())]
+            next_tau = student_taus[torch.minimum(levels // (s // student_micro_steps) + 1, student_partition.caps())]
             velocity = student(x_start, tau_start.expand(2, -1), text, mask).sample.float()
             went = pipe.scheduler.step(velocity, x_start, tau_start, next_tau).prev_sample
-        shifted = went[:, :, c:] if j == student_micro_steps - 1 else went
+        released = i % student_micro_steps == student_micro_steps - 1
+        shifted, teachers = (went[:, :, c:], x_end[:, :, c:]) if released else (went, x_end)
         following = segments[i + 1][0][:, :, : shifted.shape[2]]
         torch.testing.assert_close(following, shifted, atol=1e-5, rtol=1e-5)
-        assert (following - (x_end[:, :, c:] if j == student_micro_steps - 1 else x_end)).abs().max() > 1e-3
+        assert (following - teachers).abs().max() > 1e-3
+
 
 def test_distillation_on_teacher_and_student_buffers_runs_and_checks_their_fractions(tmp_path):
     teacher = tiny_pipeline()
