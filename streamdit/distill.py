@@ -89,7 +89,8 @@ class TeacherStreams:
         self.steps = micro_steps // student_micro_steps  # the teacher's micro steps in one of the student's
         self.chunks = chunks
         self.states, self.turn = [None] * streams, 0
-        self.stream_micro_steps, self.stream_guidance = micro_steps, guidance_scale  # how the streams run: the teacher's
+        # how the streams run: the teacher's micro steps and guidance (the student's in StudentStreams)
+        self.stream_micro_steps, self.stream_guidance = micro_steps, guidance_scale
 
     def _start(self, rng):
         captions = [caption(sample_scene(rng), rng) for _ in range(self.batch_size)]
@@ -106,7 +107,8 @@ class TeacherStreams:
         """The next stream in turn, started afresh once it has run `chunks` chunks."""
         i, self.turn = self.turn, (self.turn + 1) % len(self.states)
         state = self.states[i]
-        if state is None or state.micro_step >= (self.chunks + state.buffer.partition.num_chunks) * self.stream_micro_steps:
+        if state is None or (state.micro_step
+                             >= (self.chunks + state.buffer.partition.num_chunks) * self.stream_micro_steps):
             state = self.states[i] = self._start(rng)
         return state
 
@@ -131,7 +133,6 @@ class TeacherStreams:
         front = torch.cat([x_start[:, :, :k].to(released.device), released], dim=2)[:, :, :c]
         x_end = torch.cat([front, buffer.latents[:, :, :-c].to(released.device)], dim=2)
         return x_start, tau_start, x_end, tau_end, state.prompt_embeds, state.prompt_mask
-
 
 
 class StudentStreams(TeacherStreams):
@@ -164,6 +165,7 @@ class StudentStreams(TeacherStreams):
         text, mask = state.prompt_embeds, state.prompt_mask
         self.pipe.advance(state)  # the student's own step: where this stream goes next
         return x_start, tau_start, x_end, tau_end, text, mask
+
 
 def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask):
     """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau.
@@ -220,7 +222,7 @@ def parse_args(argv=None):
                         "(on-policy; the rest of the batches come from the forward process)")
     p.add_argument("--teacher-streams", type=int, default=4,
                    help="streams of --batch-size captions each, in turn (and as many of the student's)")
-    p.add_argument("--stream-chunks", type=int, default=16, help="chunks a teacher stream runs before a new one")
+    p.add_argument("--stream-chunks", type=int, default=16, help="chunks a stream runs before a new one")
     p.add_argument("--switch-strength", type=float, default=None,
                    help="the student's stored switch strength (default: the teacher's); a student with fewer micro "
                         "steps pays less for a deeper switch")
@@ -260,7 +262,6 @@ def main(argv=None):
 
     streams = TeacherStreams(pipe, args.batch_size, args.micro_steps, args.guidance_scale, args.teacher_streams,
                              args.stream_chunks, s_student)
-
     own_streams = StudentStreams(pipe, student, args.batch_size, args.micro_steps, args.guidance_scale,
                                  args.teacher_streams, args.stream_chunks, s_student)
 
