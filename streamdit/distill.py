@@ -150,17 +150,17 @@ class StudentStreams(TeacherStreams):
         self.pipe = StreamDiTPipeline(student, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
         self.pipe.set_progress_bar_config(disable=True)
         self.stream_micro_steps, self.stream_guidance = student_micro_steps, 1.0
+        self.teacher_partition = pipe.scheduler.partition(None, micro_steps, None)  # the streams' buffer, s steps
+        with torch.no_grad():
+            self.uncond = pipe.encode_prompt([""] * batch_size)  # (b, L, E), (b, L): every segment's batch
 
     @torch.no_grad()
     def segment(self, rng):
         """-> x_start, tau_start (F,), x_end, tau_end (F,), text (b, L, E), mask (b, L) of one student's step."""
         state = self._stream(rng)
-        x_start, levels, partition = state.buffer.latents, state.buffer.levels, state.buffer.partition
-        teacher_partition = type(partition)(partition.reference_frames, partition.num_chunks, partition.chunk_size,
-                                            self.micro_steps)
-        uncond, uncond_mask = self.pipe.encode_prompt([""] * x_start.shape[0], x_start.device)
-        x_end, tau_start, tau_end = teacher_targets(self.teacher, self.pipe.scheduler, x_start, teacher_partition,
-                                                    state.prompt_embeds, state.prompt_mask, uncond, uncond_mask,
+        x_start, levels = state.buffer.latents, state.buffer.levels
+        x_end, tau_start, tau_end = teacher_targets(self.teacher, self.pipe.scheduler, x_start, self.teacher_partition,
+                                                    state.prompt_embeds, state.prompt_mask, *self.uncond,
                                                     self.guidance_scale, levels * self.steps, self.steps)
         text, mask = state.prompt_embeds, state.prompt_mask
         self.pipe.advance(state)  # the student's own step: where this stream goes next

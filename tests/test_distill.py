@@ -306,9 +306,10 @@ def test_distillation_on_teacher_and_student_buffers_runs_and_checks_their_fract
 
 def test_the_shipped_student_is_the_default_models_with_its_own_transformer():
     """The student folder holds the default model's autoencoder and text encoder, its warm-up and, its own, a deeper
-    switch (switch strength 1: 16 unguided micro steps, fewer NFEs than the default's 0.625) and the distilled transformer at s' = 4 micro steps without guidance. On two of the
-    evaluation's prompts (its seeds) it draws every stated attribute, where the default model at the same 4
-    unguided micro steps misses the triangle in both: what distillation bought (README, Benchmarks)."""
+    switch (switch strength 1: 16 unguided micro steps, fewer NFEs than the default's 0.625) and the distilled
+    transformer at s' = 4 micro steps without guidance. On two of the evaluation's prompts (its seeds) it draws every
+    stated attribute, where the default model at the same 4 unguided micro steps misses the triangle in both: what
+    distillation bought (README, Benchmarks)."""
     from streamdit import DEFAULT_MODEL, STUDENT_MODEL
     from streamdit.evaluate import evaluate_adherence
 
