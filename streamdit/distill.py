@@ -33,7 +33,8 @@ from .data import caption, sample_scene
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamBuffer
 from .text import tokenize
-from .train import LatentPool, add_loop_arguments, run_stage
+from .transformer import StreamDiTTransformer3DModel
+from .train import LatentPool, add_loop_arguments, flow_matching_loss, run_stage
 
 
 def segment_starts(partition):
@@ -167,14 +168,17 @@ class StudentStreams(TeacherStreams):
         return x_start, tau_start, x_end, tau_end, text, mask
 
 
-def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask):
+def segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask, object_weight=0.0):
     """MSE between the student's velocity and the one that covers each segment in one step: (x_end - x_start) / dtau.
-    Frames that do not move (reference frames, dtau = 0) give no signal."""
+    Frames that do not move (reference frames, dtau = 0) give no signal. With `object_weight`, latents near the
+    object weigh 1 + object_weight (`flow_matching_loss`), found on the clean clip the target points at: x_end +
+    (1 - tau_end) target, Eq. 5's X1 up to sigma_min X0 (a stream's buffer has no true clip to look at)."""
     dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
     moving = dtau.flatten() > 0
-    target = (x_end - x_start) / dtau.clamp(min=1e-8)
+    target = (x_end - x_start) / dtau.clamp(min=1e-8)  # (b, C, F, h, w)
     velocity = student(x_start, tau_start.expand(x_start.shape[0], -1), text, mask).sample.float()
-    return F.mse_loss(velocity[:, :, moving], target[:, :, moving])
+    clean = x_end + (1.0 - tau_end).view(1, 1, -1, 1, 1) * target  # (b, C, F, h, w): where the segment points
+    return flow_matching_loss(velocity[:, :, moving], target[:, :, moving], clean[:, :, moving], object_weight)
 
 
 def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, args, state):
@@ -200,7 +204,18 @@ def distill_loss(student, teacher, text_encoder, tokenizer, scheduler, batch, ar
         x_end, tau_start, tau_end = teacher_targets(teacher, scheduler, x_start, partition, text, mask.to(x1.device),
                                                     uncond, empty_mask.to(x1.device), args.guidance_scale, levels,
                                                     args.micro_steps // student_steps)
-    return segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask.to(x1.device))
+    return segment_loss(student, x_start, tau_start, x_end, tau_end, text, mask.to(x1.device), args.object_weight)
+
+
+def initial_student(path, teacher):
+    """The transformer of the pipeline at `path`, which must have the teacher's architecture: the student is the
+    teacher's network, and its text side and autoencoder are the teacher's."""
+    student = StreamDiTTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    changed = sorted(k for k in {**student.config, **teacher.config}
+                     if not k.startswith("_") and student.config.get(k) != teacher.config.get(k))  # not "_name_or_path"
+    if changed:
+        raise ValueError(f"--student-init {path}: its transformer differs from the teacher's in {changed}")
+    return student.to(next(teacher.parameters()).device)
 
 
 def parse_args(argv=None):
@@ -223,6 +238,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher-streams", type=int, default=4,
                    help="streams of --batch-size captions each, in turn (and as many of the student's)")
     p.add_argument("--stream-chunks", type=int, default=16, help="chunks a stream runs before a new one")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="weight the segment error up by this much on latents near the object (0: plain MSE), as "
+                        "train's --object-weight: the object is what the prompt names and what a shape is made of")
+    p.add_argument("--student-init", default=None,
+                   help="a pipeline folder (or Hub id) whose transformer the student starts from, e.g. a shipped "
+                        "student to distil on (default: the teacher's)")
     p.add_argument("--switch-strength", type=float, default=None,
                    help="the student's stored switch strength (default: the teacher's); a student with fewer micro "
                         "steps pays less for a deeper switch")
@@ -242,6 +263,8 @@ def main(argv=None):
         raise ValueError(f"--student-micro-steps {s_student} must be a positive divisor of --micro-steps {s}")
     if args.switch_strength is not None and not 0.0 <= args.switch_strength <= 1.0:
         raise ValueError(f"--switch-strength {args.switch_strength} must be in [0, 1]")
+    if args.object_weight < 0:
+        raise ValueError(f"--object-weight {args.object_weight} must be at least 0")
     if args.export_only:
         args.steps = 0
     out = Path(args.output_dir)
@@ -251,7 +274,8 @@ def main(argv=None):
     pipe = StreamDiTPipeline.from_pretrained(args.teacher).to(accelerator.device)
     teacher = pipe.transformer.eval().requires_grad_(False)
     text_encoder = pipe.text_encoder.eval().requires_grad_(False)  # the student keeps the teacher's text encoder
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student = copy.deepcopy(teacher if args.student_init is None else initial_student(args.student_init, teacher))
+    student.train().requires_grad_(True)
     vae, scheduler = pipe.vae.eval().requires_grad_(False), pipe.scheduler
     pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side)
     buffer_frames = scheduler.config.buffer_frames
@@ -269,9 +293,9 @@ def main(argv=None):
         if args.teacher_buffers + args.student_buffers > 0:
             draw = state.rng.random()  # one draw, as before --student-buffers existed
             if draw < args.teacher_buffers:
-                return segment_loss(trainable[0], *streams.segment(state.rng))
+                return segment_loss(trainable[0], *streams.segment(state.rng), args.object_weight)
             if draw < args.teacher_buffers + args.student_buffers:
-                return segment_loss(trainable[0], *own_streams.segment(state.rng))
+                return segment_loss(trainable[0], *own_streams.segment(state.rng), args.object_weight)
         return distill_loss(trainable[0], teacher, text_encoder, pipe.tokenizer, scheduler, batch, args, state)
 
     (student,) = run_stage("distill", args, accelerator, [student], loss, make_batch, args.steps, args.lr)

@@ -10,8 +10,8 @@ import torch
 
 from conftest import tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import (StudentStreams, TeacherStreams, distill_loss, main, segment_starts, student_levels,
-                               teacher_targets)
+from streamdit.distill import (StudentStreams, TeacherStreams, distill_loss, main, segment_loss, segment_starts,
+                               student_levels, teacher_targets)
 from streamdit.pipeline import guided_velocity
 from streamdit.train import TrainState
 
@@ -302,6 +302,55 @@ def test_distillation_on_teacher_and_student_buffers_runs_and_checks_their_fract
     assert len(losses) == 6 and all(np.isfinite(losses))
     with pytest.raises(ValueError, match="--student-buffers 0.75 add up to more than 1"):
         main([*args, "--teacher-buffers", "0.5", "--student-buffers", "0.75"])
+
+
+def test_the_object_weight_weighs_the_segment_error_where_the_target_points_at_the_object():
+    """The clean clip a segment points at, x_end + (1 - tau_end) target, shows the object in a 2x2 patch of every
+    moving frame; a student off by 1 there (or only on the background) has its error weighted 1 + w (or 1), over
+    weights of mean 1. Reference frames (dtau = 0) stay out, weight or not."""
+    b, C, F, h, w = 2, 4, 4, 4, 4
+    tau_start, tau_end = torch.tensor([1.0, 1.0, 0.25, 0.5]), torch.tensor([1.0, 1.0, 0.5, 0.75])  # 2 reference frames
+    x_start = torch.randn(b, C, F, h, w, generator=torch.Generator().manual_seed(0))
+    clean = torch.zeros(b, C, F, h, w)
+    clean[..., :2, :2] = 3.0  # the object
+    dtau = (tau_end - tau_start).view(1, 1, -1, 1, 1)
+    target = (clean - x_start) / (1.0 - tau_start).view(1, 1, -1, 1, 1)  # straight at the clean clip
+    x_end = x_start + dtau * target
+    near = torch.zeros(1, 1, 1, h, w, dtype=torch.bool)
+    near[..., :2, :2] = True
+    for off, share in ((near, 4 / 16), (~near, 12 / 16)):  # the error on the object or on the background
+        student = lambda x, tau, text, mask: SimpleNamespace(sample=target + off.float())  # noqa: E731
+        plain = segment_loss(student, x_start, tau_start, x_end, tau_end, None, None)
+        weighted = segment_loss(student, x_start, tau_start, x_end, tau_end, None, None, object_weight=9.0)
+        mean_weight = (4 * 10 + 12 * 1) / 16
+        torch.testing.assert_close(plain, torch.tensor(share))
+        torch.testing.assert_close(weighted, torch.tensor(share * (10.0 if off is near else 1.0) / mean_weight))
+
+
+def test_distillation_starts_its_student_from_another_pipelines_transformer(tmp_path):
+    """--student-init: a shipped student distilled on, not the teacher again; a transformer of another shape is
+    refused with what differs, and so is a negative --object-weight."""
+    teacher, other = tiny_pipeline(), tiny_pipeline(seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    other.save_pretrained(tmp_path / "other")
+    args = ["--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "run"), "--side", "16",
+            "--micro-steps", "2", "--batch-size", "2", "--pool-size", "4", "--pool-clip-frames", "8"]
+    main([*args, "--student-init", str(tmp_path / "other"), "--export-only"])
+    exported = StreamDiTPipeline.from_pretrained(tmp_path / "run" / "pipeline").transformer.state_dict()
+    for name, weights in other.transformer.state_dict().items():
+        torch.testing.assert_close(exported[name], weights, msg=name)
+    main([*args, "--student-init", str(tmp_path / "other"), "--object-weight", "4", "--steps", "3",
+          "--log-every", "1", "--output-dir", str(tmp_path / "weighted")])
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "weighted" / "distill-loss.csv").open())]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    config = teacher.transformer.config
+    wider = type(teacher.transformer).from_config({**config, "hidden_size": 2 * config.hidden_size})
+    teacher.save_pretrained(tmp_path / "wider")
+    wider.save_pretrained(tmp_path / "wider" / "transformer")
+    with pytest.raises(ValueError, match="hidden_size"):
+        main([*args, "--student-init", str(tmp_path / "wider"), "--export-only"])
+    with pytest.raises(ValueError, match="--object-weight -1"):
+        main([*args, "--object-weight", "-1"])
 
 
 def test_the_shipped_student_is_the_default_models_with_its_own_transformer():
