@@ -17,6 +17,8 @@ the buffers of the student's own streams (`StudentStreams`, on-policy), with the
 With --student-micro-steps s' the student takes s' steps per segment instead of one, each where s / s' guided
 teacher steps go (s' = s is guidance distillation alone): fewer steps to learn for a small model, at s' function
 evaluations per released chunk instead of 2 s.
+With --object-weight w the segment error is weighted up near the object, as training's is; --student-init starts
+the student from another pipeline's transformer (a shipped student, distilled on) instead of the teacher's.
 Resumable like training (same checkpoints, EMA, CSV/PNG loss); the result is a pipeline folder whose defaults are
 micro_steps=s' and guidance_scale=1.
 """
