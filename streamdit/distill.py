@@ -220,6 +220,39 @@ def initial_student(path, teacher):
     return student.to(next(teacher.parameters()).device)
 
 
+def deepened(transformer, num_layers):
+    """`transformer` with blocks added to reach `num_layers`, computing what it computed: a student with more
+    capacity for the guided velocity that starts as the teacher. New blocks come in pairs (the second shifted, so
+    every block keeps its window shift) between the old pairs, spread evenly; each starts as the identity, its
+    adaLN-Zero gates and its cross-attention's output at zero."""
+    old = transformer.config.num_layers
+    if num_layers < old or (num_layers - old) % 2 or old % 2:
+        raise ValueError(f"--student-layers {num_layers} must add an even number of blocks to the teacher's {old} "
+                         "(blocks come in pairs, the second shifted)")
+    deeper = type(transformer).from_config({**transformer.config, "num_layers": num_layers})
+    pairs, new_pairs = old // 2, (num_layers - old) // 2
+    if new_pairs > pairs - 1:
+        raise ValueError(f"--student-layers {num_layers}: at most {2 * old - 2}, one new pair between each two of the "
+                         f"teacher's {pairs} pairs of blocks")
+    between = {round((i + 1) * pairs / (new_pairs + 1)) for i in range(new_pairs)}  # old pairs before a new one
+    order = []  # order[j]: the old block at position j, or None for a new one
+    for pair in range(pairs):
+        order += [2 * pair, 2 * pair + 1] + ([None, None] if pair + 1 in between else [])
+    state = {k: v for k, v in transformer.state_dict().items() if not k.startswith("blocks.")}
+    for j, i in enumerate(order):
+        prefix = f"blocks.{i}."
+        state |= {f"blocks.{j}." + k[len(prefix):]: v for k, v in transformer.state_dict().items()
+                  if i is not None and k.startswith(prefix)}
+    for j, i in enumerate(order):
+        if i is None:
+            block = deeper.blocks[j]
+            torch.nn.init.zeros_(block.cross_attn.proj.weight)  # adaLN-Zero gates the rest; this is ungated
+            torch.nn.init.zeros_(block.cross_attn.proj.bias)
+            state |= {f"blocks.{j}.{k}": v for k, v in block.state_dict().items()}
+    deeper.load_state_dict(state)
+    return deeper.to(next(transformer.parameters()).device)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m streamdit.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--student-init", default=None,
                    help="a pipeline folder (or Hub id) whose transformer the student starts from, e.g. a shipped "
                         "student to distil on (default: the teacher's)")
+    p.add_argument("--student-layers", type=int, default=None,
+                   help="a deeper student: the teacher's blocks with new ones between them, each new one starting "
+                        "as the identity (default: the teacher's depth)")
     p.add_argument("--switch-strength", type=float, default=None,
                    help="the student's stored switch strength (default: the teacher's); a student with fewer micro "
                         "steps pays less for a deeper switch")
@@ -277,6 +313,8 @@ def main(argv=None):
     teacher = pipe.transformer.eval().requires_grad_(False)
     text_encoder = pipe.text_encoder.eval().requires_grad_(False)  # the student keeps the teacher's text encoder
     student = copy.deepcopy(teacher if args.student_init is None else initial_student(args.student_init, teacher))
+    if args.student_layers is not None:
+        student = deepened(student, args.student_layers)
     student.train().requires_grad_(True)
     vae, scheduler = pipe.vae.eval().requires_grad_(False), pipe.scheduler
     pool = LatentPool(vae, args.pool_size, args.pool_clip_frames * vae.temporal_compression, args.side)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_pipeline
+from conftest import randomize_zeros, tiny_pipeline
 from streamdit import Partition, StreamDiTPipeline
-from streamdit.distill import (StudentStreams, TeacherStreams, distill_loss, main, segment_loss, segment_starts,
-                               student_levels, teacher_targets)
+from streamdit.distill import (StudentStreams, TeacherStreams, deepened, distill_loss, main, segment_loss,
+                               segment_starts, student_levels, teacher_targets)
 from streamdit.pipeline import guided_velocity
 from streamdit.train import TrainState
+from streamdit.transformer import from_preset
 
 
 def test_segment_starts():
@@ -351,6 +352,32 @@ def test_distillation_starts_its_student_from_another_pipelines_transformer(tmp_
         main([*args, "--student-init", str(tmp_path / "wider"), "--export-only"])
     with pytest.raises(ValueError, match="--object-weight -1"):
         main([*args, "--object-weight", "-1"])
+    with pytest.raises(ValueError, match="--student-layers 4: at most 2"):  # the tiny teacher's one pair of blocks
+        main([*args, "--student-layers", "4"])
+
+
+def test_a_deepened_student_computes_what_the_teacher_does_and_learns_in_its_new_blocks():
+    """--student-layers: 6 blocks from a teacher's 4 (one new pair between its two pairs, the second shifted), the
+    same velocity as the teacher's to float precision on a random buffer, and the new blocks take gradient."""
+    teacher = randomize_zeros(from_preset("tiny", num_layers=4), seed=3).eval()
+    student = deepened(teacher, 6).eval()
+    assert [b.attn.shifted for b in student.blocks] == [False, True, False, True, False, True]
+    g = torch.Generator().manual_seed(0)
+    x, tau = torch.randn(2, 4, 8, 4, 4, generator=g), torch.rand(2, 8, generator=g)
+    text, mask = torch.randn(2, 5, 16, generator=g), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, tau, text, mask).sample, teacher(x, tau, text, mask).sample)
+    for old, new in ((0, 0), (1, 1), (2, 4), (3, 5)):  # the teacher's blocks, in order, around the new pair
+        for (name, a), b in zip(teacher.blocks[old].state_dict().items(), student.blocks[new].state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
+    student.train()
+    student(x, tau, text, mask).sample.square().mean().backward()
+    for j in (2, 3):
+        assert student.blocks[j].adaLN_modulation[-1].weight.grad.abs().sum() > 0
+        assert student.blocks[j].cross_attn.proj.weight.grad.abs().sum() > 0
+    for layers in (5, 8):  # an odd number more, and more than a pair between each two of the teacher's pairs
+        with pytest.raises(ValueError, match=f"--student-layers {layers}"):
+            deepened(teacher, layers)
 
 
 def test_the_shipped_student_is_the_default_models_with_its_own_transformer():
