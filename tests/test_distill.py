@@ -130,7 +130,7 @@ def test_distill_loss_is_zero_for_a_student_that_covers_each_segment_in_one_step
         return SimpleNamespace(sample=(y - x) / dtau.view(1, 1, -1, 1, 1))
 
     x1 = torch.randn(2, 4, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-    args = SimpleNamespace(micro_steps=2, guidance_scale=g, student_micro_steps=student_micro_steps)
+    args = SimpleNamespace(micro_steps=2, guidance_scale=g, student_micro_steps=student_micro_steps, object_weight=0.0)
 
     def loss(student, seed=0):
         return distill_loss(student, pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
