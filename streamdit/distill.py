@@ -28,15 +28,14 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .data import caption, sample_scene
 from .pipeline import StreamDiTPipeline, guided_velocity
 from .scheduler import StreamBuffer
 from .text import tokenize
-from .transformer import StreamDiTTransformer3DModel
 from .train import LatentPool, add_loop_arguments, flow_matching_loss, run_stage
+from .transformer import StreamDiTTransformer3DModel
 
 
 def segment_starts(partition):
@@ -238,17 +237,17 @@ def deepened(transformer, num_layers):
     order = []  # order[j]: the old block at position j, or None for a new one
     for pair in range(pairs):
         order += [2 * pair, 2 * pair + 1] + ([None, None] if pair + 1 in between else [])
-    state = {k: v for k, v in transformer.state_dict().items() if not k.startswith("blocks.")}
+    old_state = transformer.state_dict()
+    state = {k: v for k, v in old_state.items() if not k.startswith("blocks.")}
     for j, i in enumerate(order):
-        prefix = f"blocks.{i}."
-        state |= {f"blocks.{j}." + k[len(prefix):]: v for k, v in transformer.state_dict().items()
-                  if i is not None and k.startswith(prefix)}
-    for j, i in enumerate(order):
-        if i is None:
+        if i is None:  # a new block, made the identity
             block = deeper.blocks[j]
             torch.nn.init.zeros_(block.cross_attn.proj.weight)  # adaLN-Zero gates the rest; this is ungated
             torch.nn.init.zeros_(block.cross_attn.proj.bias)
             state |= {f"blocks.{j}.{k}": v for k, v in block.state_dict().items()}
+        else:
+            prefix = f"blocks.{i}."
+            state |= {f"blocks.{j}." + k[len(prefix):]: v for k, v in old_state.items() if k.startswith(prefix)}
     deeper.load_state_dict(state)
     return deeper.to(next(transformer.parameters()).device)
 
