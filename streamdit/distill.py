@@ -18,7 +18,8 @@ With --student-micro-steps s' the student takes s' steps per segment instead of 
 teacher steps go (s' = s is guidance distillation alone): fewer steps to learn for a small model, at s' function
 evaluations per released chunk instead of 2 s.
 With --object-weight w the segment error is weighted up near the object, as training's is; --student-init starts
-the student from another pipeline's transformer (a shipped student, distilled on) instead of the teacher's.
+the student from another pipeline's transformer (a shipped student, distilled on) instead of the teacher's, and
+--student-layers deepens it with new blocks that start as the identity.
 Resumable like training (same checkpoints, EMA, CSV/PNG loss); the result is a pipeline folder whose defaults are
 micro_steps=s' and guidance_scale=1.
 """
@@ -228,7 +229,7 @@ def deepened(transformer, num_layers):
     if num_layers < old or (num_layers - old) % 2 or old % 2:
         raise ValueError(f"--student-layers {num_layers} must add an even number of blocks to the teacher's {old} "
                          "(blocks come in pairs, the second shifted)")
-    deeper = type(transformer).from_config({**transformer.config, "num_layers": num_layers})
+    deeper = type(transformer).from_config(transformer.config, num_layers=num_layers)
     pairs, new_pairs = old // 2, (num_layers - old) // 2
     if new_pairs > pairs - 1:
         raise ValueError(f"--student-layers {num_layers}: at most {2 * old - 2}, one new pair between each two of the "
@@ -311,7 +312,8 @@ def main(argv=None):
     pipe = StreamDiTPipeline.from_pretrained(args.teacher).to(accelerator.device)
     teacher = pipe.transformer.eval().requires_grad_(False)
     text_encoder = pipe.text_encoder.eval().requires_grad_(False)  # the student keeps the teacher's text encoder
-    student = copy.deepcopy(teacher if args.student_init is None else initial_student(args.student_init, teacher))
+    # the teacher's copy, or a loaded transformer, which is the student's own already
+    student = copy.deepcopy(teacher) if args.student_init is None else initial_student(args.student_init, teacher)
     if args.student_layers is not None:
         student = deepened(student, args.student_layers)
     student.train().requires_grad_(True)
