@@ -83,14 +83,18 @@ class TeacherStreams:
     segment start) and where the teacher's s / s' guided micro steps took it, shifted by the release when that step
     ends the chunk. With s' = 1 a segment is a whole chunk; with s' = s it is one micro step, whose target is the
     teacher's guided velocity there. A stream starts afresh (new captions, pure noise, the start-up) after `chunks`
-    chunks. Not checkpointed: a resumed run starts new streams, from the data RNG."""
+    chunks. The start-up is skipped (the student learns it from the forward process), or with `startup` its steps
+    are segments too: every chunk rises from pure noise together, each stopping at its cap, until chunk 0 is clean.
+    That is where a stream decides its object's size and shape, which later chunks carry on.
+    Not checkpointed: a resumed run starts new streams, from the data RNG."""
 
-    def __init__(self, pipe, batch_size, micro_steps, guidance_scale, streams=4, chunks=16, student_micro_steps=1):
+    def __init__(self, pipe, batch_size, micro_steps, guidance_scale, streams=4, chunks=16, student_micro_steps=1,
+                 startup=False):
         if micro_steps % student_micro_steps:
             raise ValueError(f"student_micro_steps={student_micro_steps} must divide micro_steps={micro_steps}")
         self.pipe, self.batch_size, self.micro_steps, self.guidance_scale = pipe, batch_size, micro_steps, guidance_scale
         self.steps = micro_steps // student_micro_steps  # the teacher's micro steps in one of the student's
-        self.chunks = chunks
+        self.chunks, self.startup = chunks, startup
         self.states, self.turn = [None] * streams, 0
         # how the streams run: the teacher's micro steps and guidance (the student's in StudentStreams)
         self.stream_micro_steps, self.stream_guidance = micro_steps, guidance_scale
@@ -102,7 +106,7 @@ class TeacherStreams:
                                          guidance_scale=self.stream_guidance, generator=generator, switch_strength=0.0,
                                          warmup_chunks=0)
         released = None
-        while released is None:  # the start-up: a uniform generation until chunk 0 is clean (the student learns it)
+        while released is None and not self.startup:  # the start-up: a uniform generation until chunk 0 is clean
             state, released = self.pipe.advance(state)
         return state
 
@@ -132,9 +136,12 @@ class TeacherStreams:
             return x_start, tau_start, buffer.latents, tau_end, state.prompt_embeds, state.prompt_mask
         # The buffer just before the release: its first c frames (reference frames, then the released chunk) and
         # the rest, which the release shifted to the front.
+        # Reference frames are clean and stay put, except in the start-up, whose release drops where its last
+        # steps took them: there they count as still (dtau = 0), as in every later segment.
         k, c = buffer.partition.reference_frames, buffer.partition.chunk_size
         front = torch.cat([x_start[:, :, :k].to(released.device), released], dim=2)[:, :, :c]
         x_end = torch.cat([front, buffer.latents[:, :, :-c].to(released.device)], dim=2)
+        tau_end = torch.cat([tau_start[:k], tau_end[k:]])
         return x_start, tau_start, x_end, tau_end, state.prompt_embeds, state.prompt_mask
 
 
@@ -147,8 +154,8 @@ class StudentStreams(TeacherStreams):
     grid of N s' steps is the teacher's l s / s' on its grid of N s (both uniform in u, the same shift)."""
 
     def __init__(self, pipe, student, batch_size, micro_steps, guidance_scale, streams=4, chunks=16,
-                 student_micro_steps=1):
-        super().__init__(pipe, batch_size, micro_steps, guidance_scale, streams, chunks, student_micro_steps)
+                 student_micro_steps=1, startup=False):
+        super().__init__(pipe, batch_size, micro_steps, guidance_scale, streams, chunks, student_micro_steps, startup)
         self.teacher = pipe.transformer
         self.pipe = StreamDiTPipeline(student, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer)
         self.pipe.set_progress_bar_config(disable=True)
@@ -273,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-streams", type=int, default=4,
                    help="streams of --batch-size captions each, in turn (and as many of the student's)")
     p.add_argument("--stream-chunks", type=int, default=16, help="chunks a stream runs before a new one")
+    p.add_argument("--stream-startup", action="store_true",
+                   help="the streams' start-ups are segments too (default: skipped, learnt from the forward process)")
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="weight the segment error up by this much on latents near the object (0: plain MSE), as "
                         "train's --object-weight: the object is what the prompt names and what a shape is made of")
@@ -326,9 +335,9 @@ def main(argv=None):
         return pool.sample(state.rng, args.batch_size, buffer_frames)
 
     streams = TeacherStreams(pipe, args.batch_size, args.micro_steps, args.guidance_scale, args.teacher_streams,
-                             args.stream_chunks, s_student)
+                             args.stream_chunks, s_student, args.stream_startup)
     own_streams = StudentStreams(pipe, student, args.batch_size, args.micro_steps, args.guidance_scale,
-                                 args.teacher_streams, args.stream_chunks, s_student)
+                                 args.teacher_streams, args.stream_chunks, s_student, args.stream_startup)
 
     def loss(trainable, batch, state):
         if args.teacher_buffers + args.student_buffers > 0:

@@ -257,6 +257,44 @@ def test_teacher_streams_in_the_students_steps_give_the_teachers_guided_micro_st
             torch.testing.assert_close(segments[i + 1][0][:, :, : shifted.shape[2]], shifted)
 
 
+@pytest.mark.parametrize("reference_frames,student_micro_steps", [(0, 1), (0, 2), (2, 2)])
+def test_teacher_streams_with_startup_give_the_start_ups_steps_then_the_stream(reference_frames, student_micro_steps):
+    """With `startup` a stream's first segments are its start-up: every frame rises from pure noise by s / s' of the
+    teacher's guided micro steps at a time (`teacher_targets` from those levels), each stopping at its cap, until the
+    last one releases chunk 0; then the stream's segments follow, as without it."""
+    pipe = tiny_pipeline()
+    pipe.scheduler.register_to_config(reference_frames=reference_frames)
+    s, g = 4, 2.5
+    steps = s // student_micro_steps
+    partition = pipe.scheduler.partition(None, s, None)
+    taus, caps = pipe.scheduler.taus(partition), partition.caps()
+    startup = -(-int(caps.max()) // steps)  # the start-up's segments: until chunk 0 reaches its cap
+    streams = TeacherStreams(pipe, 2, s, g, streams=1, chunks=2, student_micro_steps=student_micro_steps,
+                             startup=True)
+    with torch.no_grad():
+        uncond, uncond_mask = pipe.encode_prompt(["", ""])
+    rng = np.random.default_rng(0)
+    segments = [streams.segment(rng) for _ in range(startup + student_micro_steps)]
+    assert torch.equal(segments[0][1], taus[torch.zeros_like(caps)])  # pure noise everywhere
+    for i, (x_start, tau_start, x_end, tau_end, text, mask) in enumerate(segments):
+        levels = (torch.minimum(torch.full_like(caps, i * steps), caps) if i < startup
+                  else student_levels(partition, i - startup, student_micro_steps))
+        torch.testing.assert_close(tau_start, taus[levels])
+        expected, _, expected_tau_end = teacher_targets(pipe.transformer, pipe.scheduler, x_start, partition, text,
+                                                        mask, uncond, uncond_mask, g, levels, steps)
+        k = reference_frames if i == startup - 1 else 0  # the release drops where the start-up took them
+        torch.testing.assert_close(tau_end[:k], tau_start[:k])
+        torch.testing.assert_close(tau_end[k:], expected_tau_end[k:])
+        torch.testing.assert_close(x_end[:, :, k:], expected[:, :, k:], atol=1e-5, rtol=1e-5)
+        if 0 < i < startup:  # the start-up goes on from where the last segment ended
+            torch.testing.assert_close(x_start, segments[i - 1][2])
+    c = partition.chunk_size
+    torch.testing.assert_close(segments[startup][0][:, :, :-c], segments[startup - 1][2][:, :, c:])  # released
+    plain = TeacherStreams(pipe, 2, s, g, streams=1, chunks=2, student_micro_steps=student_micro_steps)
+    first = plain.segment(np.random.default_rng(0))  # without startup: the first segment is after the release
+    torch.testing.assert_close(first[1], taus[student_levels(partition, 0, student_micro_steps)])
+
+
 @pytest.mark.parametrize("student_micro_steps", [1, 2])
 def test_student_streams_give_the_students_own_buffers_and_the_teachers_guided_steps_from_there(student_micro_steps):
     """On-policy: a segment starts where the student's own stream stands at one of its steps (the teacher's level s / s'
