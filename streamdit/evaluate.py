@@ -11,10 +11,16 @@ Measures: per-attribute and all-attribute prompt adherence; identity stability (
 motion smoothness; background flicker; the same in the last 10 s of a 60 s stream against the first 10 s (drift);
 and prompt switching (the new prompt's attributes within 3 s of `set_prompt`). results.md also breaks all-attribute
 adherence down by the prompt's shape and speed, which is where a model's misses tend to gather.
+
+Adherence over 100 streams is a proportion with about +-7 points of sampling error (its 95% interval is in the
+results), so two models are compared stream by stream on the same prompts and seeds instead (McNemar's exact test):
+
+    python -m streamdit.evaluate --compare eval/a/results.json eval/b/results.json
 """
 
 import argparse
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,13 +194,48 @@ def evaluate_reconstructions(vae, count, seed, seconds=2, text=None):
     return summarise(rows)
 
 
+def wilson_interval(successes: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion `successes` / `count` (it stays inside [0, 1], unlike the normal
+    approximation, at 0 or 100%)."""
+    if count < 1 or not 0 <= successes <= count:
+        raise ValueError(f"successes={successes} of count={count}: need 0 <= successes <= count and count >= 1")
+    p, z2 = successes / count, z * z
+    centre = (p + z2 / (2 * count)) / (1 + z2 / count)
+    half = z / (1 + z2 / count) * math.sqrt(p * (1 - p) / count + z2 / (4 * count * count))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_comparison(rows, other_rows) -> dict:
+    """Two evaluations of the same prompts and seeds (two models, or two settings of one), stream by stream: how many
+    streams both, only this one, only the other, or neither got right on every attribute, and McNemar's exact
+    two-sided p-value, the chance of a split of the discordant streams at least this uneven if the two were equally
+    good. Pairing removes what the prompts themselves make easy or hard, which two separate proportions keep."""
+    if len(rows) != len(other_rows):
+        raise ValueError(f"{len(rows)} streams against {len(other_rows)}: compare evaluations of the same prompts")
+    for i, (row, other) in enumerate(zip(rows, other_rows)):
+        if row["prompt"] != other["prompt"]:
+            raise ValueError(f"stream {i} is {row['prompt']!r} in one and {other['prompt']!r} in the other: compare "
+                             "evaluations of the same prompts and seed")
+    right = [(all(r["adherence"].values()), all(o["adherence"].values())) for r, o in zip(rows, other_rows)]
+    counts = Counter(right)
+    only_this, only_other = counts[(True, False)], counts[(False, True)]
+    discordant = only_this + only_other
+    tail = sum(math.comb(discordant, k) for k in range(min(only_this, only_other) + 1)) / 2**discordant
+    return {"streams": len(rows), "both": counts[(True, True)], "only_this": only_this, "only_other": only_other,
+            "neither": counts[(False, False)], "p_value": min(1.0, 2 * tail)}
+
+
 def summarise(rows):
     per_attribute = {}
     for name in ATTRIBUTES:
         judged = [r["adherence"][name] for r in rows if name in r["adherence"]]
         per_attribute[name] = float(np.mean(judged)) if judged else float("nan")
+    right = [all(r["adherence"].values()) for r in rows]
+    low, high = wilson_interval(sum(right), len(right))
     return {
-        "all_attributes": float(np.mean([all(r["adherence"].values()) for r in rows])),
+        "all_attributes": float(np.mean(right)),
+        "all_attributes_ci95_low": low,
+        "all_attributes_ci95_high": high,
         **{f"adherence_{k}": v for k, v in per_attribute.items()},
         "identity": float(np.mean([r["reading"]["identity"] for r in rows])),
         "smoothness": float(np.mean([r["reading"]["smoothness"] for r in rows])),
@@ -256,6 +297,20 @@ def breakdown_markdown(cells: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_markdown(rows, other_rows, name, other_name) -> str:
+    """`paired_comparison` as a short table: each side's adherence and the streams only it got right."""
+    c = paired_comparison(rows, other_rows)
+    n = c["streams"]
+    lines = [f"Paired with {other_name} on the same {n} prompts (McNemar's exact test):", "",
+             "| evaluation | all-attribute | 95% interval | right only here |", "|---|---:|---:|---:|"]
+    for label, right, only in ((name, c["both"] + c["only_this"], c["only_this"]),
+                               (other_name, c["both"] + c["only_other"], c["only_other"])):
+        low, high = wilson_interval(right, n)
+        lines.append(f"| {label} | {right / n:.0%} | {low:.0%}-{high:.0%} | {only} |")
+    lines += ["", f"Both right in {c['both']}, neither in {c['neither']}; p = {c['p_value']:.3f} (two-sided)."]
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     lines = ["| measure | value |", "|---|---:|"]
     for key, value in results.items():
@@ -290,7 +345,16 @@ def main(argv=None):
     p.add_argument("--reconstructions", type=int, default=0,
                    help="also score the autoencoder's reconstructions of this many generator clips (the ceiling)")
     p.add_argument("--out", default="eval")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="another evaluation's results.json of the same prompts and seed: its streams against this "
+                        "run's, pair by pair (results.md); or two of them, compared without streaming anything")
     args = p.parse_args(argv)
+    if args.compare is not None and len(args.compare) > 2:
+        raise ValueError(f"--compare takes one results.json (against this run) or two, got {len(args.compare)}")
+    if args.compare is not None and len(args.compare) == 2:
+        print(comparison_markdown(*[json.loads(Path(path).read_text())["rows"] for path in args.compare],
+                                  *args.compare))
+        return
     for window in args.windows:
         if not SETTLING_FRAMES < window * FPS <= args.seconds * FPS:
             raise ValueError(f"--windows {window:g}: a window must be longer than the {SETTLING_FRAMES / FPS:g} s a "
@@ -332,6 +396,9 @@ def main(argv=None):
     cells = by_shape_and_speed(rows)
     report = (f"{markdown(results)}\n\nStreams right on every stated attribute, by shape and speed:\n\n"
               f"{breakdown_markdown(cells)}\n")
+    if args.compare is not None:
+        other = json.loads(Path(args.compare[0]).read_text())["rows"]
+        report += f"\n{comparison_markdown(rows, other, args.model, args.compare[0])}\n"
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"results": results, "by_shape_and_speed": cells, "rows": rows},
                                                  indent=1, default=str))

@@ -165,3 +165,70 @@ def test_the_evaluation_command_writes_its_tables(pipe, tmp_path):
     report = (tmp_path / "eval" / "results.md").read_text()
     assert "| all_attributes |" in report and "| shape | slowly | normal | quickly |" in report
     assert (tmp_path / "eval" / "samples.gif").exists()
+    low, high = saved["results"]["all_attributes_ci95_low"], saved["results"]["all_attributes_ci95_high"]
+    assert 0.0 <= low <= saved["results"]["all_attributes"] <= high <= 1.0 and high - low > 0.3  # 3 streams say little
+    # against an earlier run of the same prompts (here: itself), pair by pair
+    main(["--model", str(tmp_path / "model"), "--prompts", "3", "--seconds", "1", "--drift-prompts", "0",
+          "--switches", "0", "--out", str(tmp_path / "again"), "--compare", str(tmp_path / "eval" / "results.json")])
+    again = (tmp_path / "again" / "results.md").read_text()
+    assert "Paired with" in again and "right only here" in again and "p = 1.000" in again  # seeded: the same streams
+
+
+def test_wilson_interval_matches_the_score_formula_and_stays_in_bounds():
+    from streamdit.evaluate import wilson_interval
+
+    # by hand: p = 0.84, n = 100, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n), half-width z/(1 + z^2/n) sqrt(...)
+    z2 = 1.96**2
+    centre = (0.84 + z2 / 200) / (1 + z2 / 100)
+    half = 1.96 / (1 + z2 / 100) * (0.84 * 0.16 / 100 + z2 / 40000) ** 0.5
+    low, high = wilson_interval(84, 100)
+    assert low == pytest.approx(centre - half) and high == pytest.approx(centre + half)
+    assert (round(low, 3), round(high, 3)) == (0.756, 0.899)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    for bad in ((5, 0), (11, 10), (-1, 10)):
+        with pytest.raises(ValueError, match=f"successes={bad[0]} of count={bad[1]}"):
+            wilson_interval(*bad)
+
+
+def test_paired_comparison_counts_streams_pair_by_pair_with_mcnemars_exact_p():
+    from streamdit.evaluate import paired_comparison
+
+    def rows(rights):
+        return [{"prompt": f"prompt {i}", "adherence": {"shape": r, "colour": True}} for i, r in enumerate(rights)]
+
+    this = rows([True] * 6 + [True] * 3 + [False] * 1)
+    other = rows([False] * 6 + [True] * 3 + [False] * 1)
+    c = paired_comparison(this, other)
+    # 6 streams only this one got right, none the other: two-sided exact binomial 2 * (1/2)^6
+    assert c == {"streams": 10, "both": 3, "only_this": 6, "only_other": 0, "neither": 1, "p_value": 2 / 64}
+    assert paired_comparison(other, this)["only_other"] == 6
+    # a 2-2 split of the discordant streams is as even as it gets: p = 1; none at all: p = 1
+    assert paired_comparison(rows([True, True, False, False]), rows([False, False, True, True]))["p_value"] == 1.0
+    assert paired_comparison(this, this)["p_value"] == 1.0
+    # 5 against 1: 2 * (C(6,0) + C(6,1)) / 2^6
+    assert paired_comparison(rows([True] * 5 + [False]), rows([False] * 5 + [True]))["p_value"] == pytest.approx(14 / 64)
+    with pytest.raises(ValueError, match="10 streams against 9"):
+        paired_comparison(this, other[:9])
+    moved = other[:4] + [{**other[4], "prompt": "a red circle moving left"}] + other[5:]
+    with pytest.raises(ValueError, match="stream 4 is 'prompt 4' in one and 'a red circle moving left'"):
+        paired_comparison(this, moved)
+
+
+def test_the_evaluation_command_compares_two_results_files(tmp_path, capsys):
+    import json
+
+    from streamdit.evaluate import main
+
+    def write(name, rights):
+        rows = [{"prompt": f"prompt {i}", "adherence": {"shape": r}} for i, r in enumerate(rights)]
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+        return str(tmp_path / name)
+
+    a, b = write("a.json", [True] * 8 + [False] * 2), write("b.json", [True] * 3 + [False] * 7)
+    main(["--compare", a, b])
+    report = capsys.readouterr().out
+    assert f"| {a} | 80% |" in report and f"| {b} | 30% |" in report
+    assert "right only here" in report and "p = 0.062" in report  # 5 against 0: 2 / 32
+    assert not (tmp_path / "eval").exists() and not list(tmp_path.glob("*.md"))  # nothing streamed, nothing written
+    with pytest.raises(ValueError, match="--compare takes one results.json"):
+        main(["--compare", a, b, a])
