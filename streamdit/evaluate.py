@@ -205,17 +205,22 @@ def wilson_interval(successes: int, count: int, z: float = 1.96) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def check_same_prompts(prompts: list[str], other_rows):
+    """Raises ValueError, naming the first difference, unless `other_rows` are streams of `prompts` in that order."""
+    if len(prompts) != len(other_rows):
+        raise ValueError(f"{len(prompts)} streams against {len(other_rows)}: compare evaluations of the same prompts")
+    for i, (prompt, other) in enumerate(zip(prompts, other_rows)):
+        if prompt != other["prompt"]:
+            raise ValueError(f"stream {i} is {prompt!r} in one and {other['prompt']!r} in the other: compare "
+                             "evaluations of the same prompts and seed")
+
+
 def paired_comparison(rows, other_rows) -> dict:
     """Two evaluations of the same prompts and seeds (two models, or two settings of one), stream by stream: how many
     streams both, only this one, only the other, or neither got right on every attribute, and McNemar's exact
     two-sided p-value, the chance of a split of the discordant streams at least this uneven if the two were equally
     good. Pairing removes what the prompts themselves make easy or hard, which two separate proportions keep."""
-    if len(rows) != len(other_rows):
-        raise ValueError(f"{len(rows)} streams against {len(other_rows)}: compare evaluations of the same prompts")
-    for i, (row, other) in enumerate(zip(rows, other_rows)):
-        if row["prompt"] != other["prompt"]:
-            raise ValueError(f"stream {i} is {row['prompt']!r} in one and {other['prompt']!r} in the other: compare "
-                             "evaluations of the same prompts and seed")
+    check_same_prompts([row["prompt"] for row in rows], other_rows)
     right = [(all(r["adherence"].values()), all(o["adherence"].values())) for r, o in zip(rows, other_rows)]
     counts = Counter(right)
     only_this, only_other = counts[(True, False)], counts[(False, True)]
@@ -311,6 +316,15 @@ def comparison_markdown(rows, other_rows, name, other_name) -> str:
     return "\n".join(lines)
 
 
+def load_rows(path) -> list[dict]:
+    """The per-stream rows of an evaluation's results.json (what `--compare` pairs)."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--compare {path}: not an evaluation's results.json with its rows ({error!r})") from error
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = ["| measure | value |", "|---|---:|"]
     for key, value in results.items():
@@ -352,8 +366,7 @@ def main(argv=None):
     if args.compare is not None and len(args.compare) > 2:
         raise ValueError(f"--compare takes one results.json (against this run) or two, got {len(args.compare)}")
     if args.compare is not None and len(args.compare) == 2:
-        print(comparison_markdown(*[json.loads(Path(path).read_text())["rows"] for path in args.compare],
-                                  *args.compare))
+        print(comparison_markdown(load_rows(args.compare[0]), load_rows(args.compare[1]), *args.compare))
         return
     for window in args.windows:
         if not SETTLING_FRAMES < window * FPS <= args.seconds * FPS:
@@ -370,9 +383,13 @@ def main(argv=None):
                                       guidance_scale=args.guidance_scale,
                                       switch_strength=args.switch_strength,
                                       warmup_chunks=args.warmup_chunks).items() if v is not None}
+    prompts = random_prompts(args.prompts, args.seed)
+    compared = None
+    if args.compare is not None:  # checked before streaming: a mismatch found after it would waste the run
+        compared = load_rows(args.compare[0])
+        check_same_prompts(prompts, compared)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = random_prompts(args.prompts, args.seed)
     rows, samples = evaluate_adherence(pipe, prompts, args.seconds, args.seed, **options)
     results = {"model": args.model, "shift": pipe.scheduler.config.shift,
                "switch_strength": options.get("switch_strength", pipe.config.switch_strength),
@@ -396,9 +413,8 @@ def main(argv=None):
     cells = by_shape_and_speed(rows)
     report = (f"{markdown(results)}\n\nStreams right on every stated attribute, by shape and speed:\n\n"
               f"{breakdown_markdown(cells)}\n")
-    if args.compare is not None:
-        other = json.loads(Path(args.compare[0]).read_text())["rows"]
-        report += f"\n{comparison_markdown(rows, other, args.model, args.compare[0])}\n"
+    if compared is not None:
+        report += f"\n{comparison_markdown(rows, compared, args.model, args.compare[0])}\n"
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"results": results, "by_shape_and_speed": cells, "rows": rows},
                                                  indent=1, default=str))

@@ -172,6 +172,11 @@ def test_the_evaluation_command_writes_its_tables(pipe, tmp_path):
           "--switches", "0", "--out", str(tmp_path / "again"), "--compare", str(tmp_path / "eval" / "results.json")])
     again = (tmp_path / "again" / "results.md").read_text()
     assert "Paired with" in again and "right only here" in again and "p = 1.000" in again  # seeded: the same streams
+    # another seed's prompts are refused before anything streams
+    with pytest.raises(ValueError, match="stream 0 is"):
+        main(["--model", str(tmp_path / "model"), "--prompts", "3", "--seed", "7", "--drift-prompts", "0",
+              "--switches", "0", "--out", str(tmp_path / "other"), "--compare", str(tmp_path / "eval" / "results.json")])
+    assert not (tmp_path / "other").exists()
 
 
 def test_wilson_interval_matches_the_score_formula_and_stays_in_bounds():
@@ -232,3 +237,5 @@ def test_the_evaluation_command_compares_two_results_files(tmp_path, capsys):
     assert not (tmp_path / "eval").exists() and not list(tmp_path.glob("*.md"))  # nothing streamed, nothing written
     with pytest.raises(ValueError, match="--compare takes one results.json"):
         main(["--compare", a, b, a])
+    with pytest.raises(ValueError, match=f"--compare {tmp_path / 'missing.json'}: not an evaluation's results.json"):
+        main(["--compare", a, str(tmp_path / "missing.json")])
