@@ -6,6 +6,7 @@ import pytest
 
 from conftest import tiny_pipeline
 from streamdit.benchmark import NFECounter, count_nfes, main
+from streamdit.evaluate import wilson_interval
 
 PROMPT = "a red circle moving left"
 
@@ -57,8 +58,10 @@ def test_stream_benchmark_runs_end_to_end(tmp_path, capsys):
     assert rows["teacher, undistilled s=1"][:4] == ["1", "1", "1", "4"]
     assert rows["teacher, undistilled s=2"][:4] == ["2", "1", "2", "8"]
     for cells in rows.values():
-        first_frame, fps, adherence = (float(c) for c in cells[4:])
+        first_frame, fps, adherence = (float(c) for c in cells[4:7])
         assert first_frame > 0 and fps > 0 and math.isfinite(fps) and 0 <= adherence <= 1
+        low, high = (float(x) for x in cells[7].split("-"))  # 2 streams: a wide interval around the proportion
+        assert (low, high) == tuple(round(x, 2) for x in wilson_interval(round(adherence * 2), 2))
 
 
 def test_stream_benchmark_rejects_bad_arguments(tmp_path):
