@@ -194,6 +194,11 @@ def evaluate_reconstructions(vae, count, seed, seconds=2, text=None):
     return summarise(rows)
 
 
+def all_right(row) -> bool:
+    """Whether a scored stream (a `score_streams` row) holds every attribute its prompt states."""
+    return all(row["adherence"].values())
+
+
 def wilson_interval(successes: int, count: int, z: float = 1.96) -> tuple[float, float]:
     """The 95% Wilson score interval of a proportion `successes` / `count` (it stays inside [0, 1], unlike the normal
     approximation, at 0 or 100%)."""
@@ -221,7 +226,7 @@ def paired_comparison(rows, other_rows) -> dict:
     two-sided p-value, the chance of a split of the discordant streams at least this uneven if the two were equally
     good. Pairing removes what the prompts themselves make easy or hard, which two separate proportions keep."""
     check_same_prompts([row["prompt"] for row in rows], other_rows)
-    right = [(all(r["adherence"].values()), all(o["adherence"].values())) for r, o in zip(rows, other_rows)]
+    right = [(all_right(r), all_right(o)) for r, o in zip(rows, other_rows)]
     counts = Counter(right)
     only_this, only_other = counts[(True, False)], counts[(False, True)]
     discordant = only_this + only_other
@@ -235,7 +240,7 @@ def summarise(rows):
     for name in ATTRIBUTES:
         judged = [r["adherence"][name] for r in rows if name in r["adherence"]]
         per_attribute[name] = float(np.mean(judged)) if judged else float("nan")
-    right = [all(r["adherence"].values()) for r in rows]
+    right = [all_right(r) for r in rows]
     low, high = wilson_interval(sum(right), len(right))
     return {
         "all_attributes": float(np.mean(right)),
@@ -288,7 +293,7 @@ def by_shape_and_speed(rows) -> dict:
     for row in rows:
         stated = parse_caption(row["prompt"])
         cell = cells.setdefault(f"{stated['shape']} {stated['speed']}", [0, 0])
-        cell[0] += all(row["adherence"].values())
+        cell[0] += all_right(row)
         cell[1] += 1
     return cells
 
