@@ -1,8 +1,12 @@
 """StreamDiT Space: type a prompt and watch the video being generated while it plays; change the prompt mid-stream,
 restyle an uploaded clip, stop whenever you like. Also an API for gradio_client (`/stream`, `/generate`, `/restyle`).
 
-    python app.py                          # the built-in shapes-world model, no network needed
-    python app.py --model path/or/hub-id   # or STREAMDIT_MODEL=... python app.py
+    python app.py                          # the built-in shapes-world model and its real-time student, offline
+    python app.py --model path/or/hub-id   # or STREAMDIT_MODEL=... python app.py; --model A --model B (or
+                                           # STREAMDIT_MODEL=A,B) offers both, the first the default
+
+Each visitor picks one of the Space's models (the Model menu; `model` in the API); the stream options a visitor or an
+API caller leaves out are that model's own stored defaults.
 
 On a CPU machine or a dedicated GPU a stream is the library's `pipe.stream`: on a GPU pipelined as in the paper (a
 denoiser thread takes the next chunk's micro steps while this one decodes), on a CPU in turn (the two would share the
@@ -17,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -37,40 +42,71 @@ CLIP_LIFETIME = 600  # seconds a /generate file stays on disk
 EXAMPLES = Path(__file__).parent / "examples" / "prompts.txt"
 
 
-def model_source() -> str:
-    """--model, else $STREAMDIT_MODEL, else the built-in model shipped in the package."""
+def model_sources() -> list[str]:
+    """--model (once or more), else $STREAMDIT_MODEL (comma-separated), else the built-in model and its distilled
+    student, both shipped in the package. The first is the default."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", action="append", default=None)
     known, _ = parser.parse_known_args()
-    return known.model or os.environ.get("STREAMDIT_MODEL") or streamdit.DEFAULT_MODEL
+    if known.model:
+        return known.model
+    listed = [source.strip() for source in os.environ.get("STREAMDIT_MODEL", "").split(",") if source.strip()]
+    return listed or [streamdit.DEFAULT_MODEL, streamdit.STUDENT_MODEL]
+
+
+def model_names(sources: list[str]) -> dict[str, str]:
+    """{name shown in the Model menu: source}: a local folder by its own name ("shapes-world"), a Hub id as it is;
+    two sources of one name keep their whole source."""
+    names = [Path(source).name if Path(source).is_dir() else source for source in sources]
+    return {(name if names.count(name) == 1 else source): source for name, source in zip(names, sources)}
+
+
+def load(source):
+    pipe = StreamDiTPipeline.from_pretrained(source).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 DEVICE = "cuda" if torch.cuda.is_available() or ZERO_GPU else "cpu"
-PIPE = StreamDiTPipeline.from_pretrained(model_source()).to(DEVICE)  # loaded once, shared by every visitor
-PIPE.set_progress_bar_config(disable=True)
-BUFFER = PIPE.scheduler.config.buffer_frames - PIPE.scheduler.config.reference_frames
-CHUNK_SIZES = [c for c in range(1, BUFFER + 1) if BUFFER % c == 0]
+MODELS = {name: load(source) for name, source in model_names(model_sources()).items()}  # loaded once, shared
+
+
+def pipeline(model=None):
+    """The pipeline of the model named `model` (None or "": the first, the Space's default)."""
+    if model is None or model == "":
+        return next(iter(MODELS.values()))
+    if model not in MODELS:
+        raise gr.Error(f"model={model!r} is not one of this Space's models: {', '.join(map(repr, MODELS))}")
+    return MODELS[model]
+
+
+def chunk_sizes(pipe):
+    """The chunk sizes that divide `pipe`'s buffer (less its reference frames) into whole chunks."""
+    buffer = pipe.scheduler.config.buffer_frames - pipe.scheduler.config.reference_frames
+    return [c for c in range(1, buffer + 1) if buffer % c == 0]
 
 
 @spaces.GPU(duration=30)
-def next_chunk(state):
-    """One GPU call: micro steps until the buffer releases a chunk, then its decoded frames. State in, state out."""
-    state, chunk = PIPE.next_chunk(state)
+def next_chunk(state, model=None):
+    """One GPU call: micro steps until the buffer releases a chunk, then its decoded frames. State in, state out;
+    `model` by name, since ZeroGPU pickles what it is given."""
+    state, chunk = pipeline(model).next_chunk(state)
     return state.to("cpu"), chunk
 
 
-def open_stream(state, clip=None):
+def open_stream(state, clip=None, model=None):
     """The library's stream of `state`: made in this process, or one `next_chunk` GPU call per chunk on ZeroGPU."""
-    return PIPE.stream(state=state, video=clip, chunk_call=next_chunk if ZERO_GPU else None)
+    chunk_call = partial(next_chunk, model=model) if ZERO_GPU else None
+    return pipeline(model).stream(state=state, video=clip, chunk_call=chunk_call)
 
 
 # Input checks: every bad value becomes a gr.Error that names it, never a stack trace.
 
 
-def check_prompt(prompt):
+def check_prompt(prompt, pipe=None):
     try:
-        PIPE.check_prompt(prompt)
+        (pipe or pipeline()).check_prompt(prompt)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return prompt.strip()
@@ -83,23 +119,26 @@ def check_number(name, value, low, high, integer=False):
     return int(value) if integer else float(value)
 
 
-def check_schedule(prompt, schedule):
+def check_schedule(prompt, schedule, pipe=None):
     """The prompt schedule, or the single prompt from 0 s."""
     if not schedule or not schedule.strip():
-        return [(0.0, check_prompt(prompt))]
+        return [(0.0, check_prompt(prompt, pipe))]
     try:
         entries = parse_prompt_schedule(schedule)
     except ValueError as error:
         raise gr.Error(str(error)) from None
-    return [(second, check_prompt(text)) for second, text in entries]
+    return [(second, check_prompt(text, pipe)) for second, text in entries]
 
 
-def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength):
+def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength, pipe=None):
     """The checked stream options for `prepare_stream`, the model's own where the caller gave None."""
+    pipe = pipe or pipeline()
     chunk_size, micro_steps, guidance_scale, switch_strength = defaults(chunk_size, micro_steps, guidance_scale,
-                                                                        switch_strength)
-    if chunk_size not in CHUNK_SIZES:
-        raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {BUFFER} frames: one of {CHUNK_SIZES}")
+                                                                        switch_strength, pipe)
+    sizes = chunk_sizes(pipe)
+    if chunk_size not in sizes:
+        buffer = pipe.scheduler.config.buffer_frames - pipe.scheduler.config.reference_frames
+        raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {buffer} frames: one of {sizes}")
     return dict(
         chunk_size=int(chunk_size),
         micro_steps=check_number("micro_steps", micro_steps, 1, 64, integer=True),
@@ -108,9 +147,9 @@ def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength):
     )
 
 
-def status_line(frames, started, first_frame, latency, prompt):
+def status_line(frames, started, first_frame, latency, prompt, model=None):
     elapsed = time.perf_counter() - started
-    unknown = PIPE.unknown_words(prompt)
+    unknown = pipeline(model).unknown_words(prompt)
     parts = [
         f"**{frames} frames** ({frames / FPS:.1f} s)",
         f"generating at **{frames / elapsed:.1f} fps** (playback {FPS} fps)",
@@ -118,18 +157,21 @@ def status_line(frames, started, first_frame, latency, prompt):
         f"last chunk latency {latency:.2f} s",  # from asking for the chunk to its frames: what a viewer waits
         f"prompt: *{prompt}*",
     ]
+    if len(MODELS) > 1:
+        parts.append(f"model: {model or next(iter(MODELS))}")
     if unknown:
         parts.append(f"words the model does not know (ignored): **{', '.join(unknown)}**")
     return " · ".join(parts)
 
 
-def chunks(state, schedule, max_seconds, live, clip=None):
+def chunks(state, schedule, max_seconds, live, clip=None, model=None):
     """Yields (frames, status) chunk by chunk until max_seconds, following the prompt schedule (API users)
-    and the latest "Update prompt" (UI), both read between chunks. `clip`: a video-to-video stream's input."""
+    and the latest "Update prompt" (UI), both read between chunks. `clip`: a video-to-video stream's input; `model`:
+    the name of the model whose `prepare_stream` made `state`."""
     started, first_frame, frames = time.perf_counter(), None, 0
     prompt, upcoming = schedule[0][1], list(schedule[1:])
     seen = live.get("prompt") if live is not None else None  # a live prompt takes over only when it changes
-    stream = open_stream(state, clip)
+    stream = open_stream(state, clip, model)
     try:
         while frames < max_seconds * FPS:
             while upcoming and frames >= upcoming[0][0] * FPS:
@@ -146,7 +188,7 @@ def chunks(state, schedule, max_seconds, live, clip=None):
             first_frame = first_frame or time.perf_counter() - started
             out = chunk.frames[: max(int(max_seconds * FPS) - frames, 0)]
             frames += len(out)
-            yield out, status_line(frames, started, first_frame, latency, prompt)
+            yield out, status_line(frames, started, first_frame, latency, prompt, model)
     finally:  # the end, Stop, or a visitor who left: the denoiser thread goes too
         stream.close()
 
@@ -184,33 +226,34 @@ def write_segment(folder, name, start_frame, pending):
 
 
 def start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength, live,
-                 warmup_chunks=None):
-    """Checks the inputs and prepares the stream state; returns it with the schedule."""
-    schedule = check_schedule(prompt, schedule)
+                 warmup_chunks=None, model=None):
+    """Checks the inputs and prepares the stream state of the model named `model`; returns it with the schedule."""
+    pipe = pipeline(model)
+    schedule = check_schedule(prompt, schedule, pipe)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
-    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength)
-    warmup_chunks = PIPE.config.warmup_chunks if warmup_chunks is None else warmup_chunks
+    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength, pipe)
+    warmup_chunks = pipe.config.warmup_chunks if warmup_chunks is None else warmup_chunks
     options["warmup_chunks"] = check_number("warmup_chunks", warmup_chunks, 0, MAX_WARMUP, integer=True)
     if live is not None:
-        live["prompt"] = schedule[0][1]
-    return PIPE.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
+        live.update(prompt=schedule[0][1], model=model)
+    return pipe.prepare_stream(schedule[0][1], generator=torch.Generator().manual_seed(seed), **options), schedule
 
 
 def stream(prompt, seed=0, schedule="", max_seconds=30, chunk_size=None, micro_steps=None, guidance_scale=None,
-           switch_strength=None, warmup_chunks=None, live=None):
+           switch_strength=None, warmup_chunks=None, model=None, live=None):
     """Streams video for `prompt` (or a prompt schedule "0: ... | 4: ..."), about one MPEG-TS segment per second."""
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
     state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
-                                   live, warmup_chunks)
-    yield from segments(chunks(state, schedule, max_seconds, live))
+                                   live, warmup_chunks, model)
+    yield from segments(chunks(state, schedule, max_seconds, live, model=model))
 
 
 def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_steps=None, guidance_scale=None,
-             switch_strength=None, warmup_chunks=None):
+             switch_strength=None, warmup_chunks=None, model=None):
     """A finished .mp4 of `seconds` seconds (a prompt schedule applies here too)."""
     seconds = check_number("seconds", seconds, 1, 120)
     state, schedule = start_stream(prompt, seed, schedule, chunk_size, micro_steps, guidance_scale, switch_strength,
-                                   None, warmup_chunks)
+                                   None, warmup_chunks, model)
     clips = Path(tempfile.gettempdir()) / "generated-clips"
     clips.mkdir(exist_ok=True)
     for old in clips.glob("*.mp4"):  # Gradio keeps its own copy of a returned file: ours can go after a while
@@ -218,59 +261,91 @@ def generate(prompt, seconds=4, seed=0, schedule="", chunk_size=None, micro_step
             old.unlink(missing_ok=True)
     path = clips / f"{uuid.uuid4().hex}.mp4"
     with VideoWriter(path, fps=FPS) as writer:
-        for frames, _ in chunks(state, schedule, seconds, None):
+        for frames, _ in chunks(state, schedule, seconds, None, model=model):
             writer.write(frames)
     return str(path)
 
 
 def restyle(video, prompt, strength=0.6, seed=0, max_seconds=30, chunk_size=None, micro_steps=None,
-            guidance_scale=None, switch_strength=None, live=None):
+            guidance_scale=None, switch_strength=None, model=None, live=None):
     """Video-to-video: the uploaded clip restyled by `prompt` (SDEdit-style noising to `strength`), streamed back,
     with the same stream options as text to video (the model's own where None)."""
     if not video:
         raise gr.Error("upload a video to restyle")
-    prompt = check_prompt(prompt)
+    pipe = pipeline(model)
+    prompt = check_prompt(prompt, pipe)
     strength = check_number("strength", strength, 0.05, 1.0)
     seed = check_number("seed", seed, 0, 2**31 - 1, integer=True)
     max_seconds = check_number("max_seconds", max_seconds, 1, MAX_SECONDS)
-    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength)
+    options = stream_options(chunk_size, micro_steps, guidance_scale, switch_strength, pipe)
     try:
         frames = read_video(video)[: int(max_seconds * FPS)]
     except Exception as error:  # anything PyAV cannot decode
         raise gr.Error(f"could not read the uploaded video {Path(str(video)).name!r}: {error}") from None
     if live is not None:
-        live["prompt"] = prompt
-    yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live, **options))
+        live.update(prompt=prompt, model=model)
+    yield from segments(restyled(VideoSource(frames), prompt, strength, seed, max_seconds, live, model, **options))
 
 
-def restyled(clip, prompt, strength, seed, max_seconds, live, **options):
+def restyled(clip, prompt, strength, seed, max_seconds, live, model=None, **options):
     """The (frames, status) chunks of a restyle. The uploaded clip stays in this generator (a `VideoSource`), not in
     the stream state: the state starts with the first buffer's worth of it, as the library's `pipe.stream(video=...)`
     does, and is then fed one chunk ahead of each release. `options`: `prepare_stream`'s stream options."""
-    first = clip.take(PIPE.scheduler.config.buffer_frames * PIPE.vae_scale_factor_temporal)
-    state = PIPE.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
+    pipe = pipeline(model)
+    first = clip.take(pipe.scheduler.config.buffer_frames * pipe.vae_scale_factor_temporal)
+    state = pipe.prepare_stream(prompt, video=first, video_complete=clip.ended, strength=strength,
                                 generator=torch.Generator().manual_seed(seed), **options)
-    return chunks(state, [(0.0, prompt)], max_seconds, live, clip)
+    return chunks(state, [(0.0, prompt)], max_seconds, live, clip, model)
 
 
-def defaults(chunk_size, micro_steps, guidance_scale, switch_strength):
+def defaults(chunk_size, micro_steps, guidance_scale, switch_strength, pipe=None):
     """The model's own stream defaults (stored with it) where the caller gave none."""
-    config = PIPE.scheduler.config
+    pipe = pipe or pipeline()
+    config = pipe.scheduler.config
     return (
         config.chunk_size if chunk_size is None else chunk_size,
         config.micro_steps if micro_steps is None else micro_steps,
-        PIPE.config.guidance_scale if guidance_scale is None else guidance_scale,
-        PIPE.config.switch_strength if switch_strength is None else switch_strength,
+        pipe.config.guidance_scale if guidance_scale is None else guidance_scale,
+        pipe.config.switch_strength if switch_strength is None else switch_strength,
     )
 
 
+def model_defaults(model):
+    """The Advanced stream options set to the chosen model's own (what the Model menu does on a change)."""
+    pipe = pipeline(model)
+    chunk_size, micro_steps, guidance_scale, switch_strength = defaults(None, None, None, None, pipe)
+    return (gr.update(choices=chunk_sizes(pipe), value=chunk_size), micro_steps, guidance_scale, switch_strength,
+            pipe.config.warmup_chunks)
+
+
 def update_prompt(prompt, live):
-    live["prompt"] = check_prompt(prompt)
+    live["prompt"] = check_prompt(prompt, pipeline(live.get("model")))
     return live
+
+
+def api_endpoints(models):
+    """/stream, /restyle and /generate for API users, on components of their own out of sight: a stream option left
+    out is None there, so it is the chosen model's own default (the Advanced controls hold the default model's)."""
+    with gr.Group(visible=False):
+        prompt, seed, schedule = gr.Textbox(label="prompt"), gr.Number(0, label="seed"), gr.Textbox("", label="schedule")
+        seconds, clip_seconds = gr.Number(30, label="max_seconds"), gr.Number(4, label="seconds")
+        options = [gr.Number(None, label=name) for name in ("chunk_size", "micro_steps", "guidance_scale",
+                                                            "switch_strength")]
+        warmup, model = gr.Number(None, label="warmup_chunks"), gr.Dropdown(models, value=models[0], label="model")
+        source, strength = gr.Video(label="video"), gr.Number(0.6, label="strength")
+        video, restyled_video, status = gr.Video(streaming=True), gr.Video(streaming=True), gr.Markdown()
+        clip = gr.Video(label="clip")
+        gr.Button("stream").click(stream, [prompt, seed, schedule, seconds, *options, warmup, model], [video, status],
+                                  api_name="stream", concurrency_id="stream")  # shares the visitors' streams' limit
+        gr.Button("restyle").click(restyle, [source, prompt, strength, seed, seconds, *options, model],
+                                   [restyled_video, status], api_name="restyle", concurrency_id="restyle")
+        gr.Button("generate").click(generate, [prompt, clip_seconds, seed, schedule, *options, warmup, model], clip,
+                                    api_name="generate")
 
 
 def build_demo():
     chunk_default, micro_default, guidance_default, switch_default = defaults(None, None, None, None)
+    models = list(MODELS)
     examples = [line.strip() for line in EXAMPLES.read_text().splitlines() if line.strip()]
     with gr.Blocks(title="StreamDiT: real-time streaming text-to-video") as demo:
         gr.Markdown(
@@ -310,38 +385,38 @@ def build_demo():
                 with gr.Column():
                     v2v_video = gr.Video(label="Restyled stream", streaming=True, autoplay=True)
                     v2v_status = gr.Markdown()
-        with gr.Row():  # below both tabs: a restyle takes the same seed and stream options as text to video
+        with gr.Row():  # below both tabs: a restyle takes the same model, seed and stream options as text to video
+            model = gr.Dropdown(models, value=models[0], label="Model", visible=len(models) > 1,
+                                info="a distilled student takes fewer micro steps: faster (real time on a CPU), "
+                                     "and it follows the prompt a little less well; the stream options below "
+                                     "become the chosen model's own")
             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
             seconds = gr.Slider(1, MAX_SECONDS, value=60, step=1, label="Maximum length (s)")
         with gr.Accordion("Advanced stream options (both tabs)", open=False):
-            chunk = gr.Dropdown(CHUNK_SIZES, value=chunk_default, label="Chunk size (latent frames)")
+            chunk = gr.Dropdown(chunk_sizes(pipeline()), value=chunk_default, label="Chunk size (latent frames)")
             micro = gr.Slider(1, 16, value=micro_default, step=1, label="Micro steps per chunk",
                               info="fewer: faster, but the video follows the prompt less well")
             guidance = gr.Slider(1.0, 10.0, value=guidance_default, step=0.5, label="Guidance scale")
             switch = gr.Slider(0.0, 1.0, value=switch_default, step=0.125, label="Prompt switch strength",
                                info="how much of the buffer a new prompt redraws: 0 is the paper's smooth switch; "
                                     "more follows it sooner, after a short pause")
-            warmup = gr.Slider(0, MAX_WARMUP, value=PIPE.config.warmup_chunks, step=1,
+            warmup = gr.Slider(0, MAX_WARMUP, value=pipeline().config.warmup_chunks, step=1,
                                label="Warm-up chunks (text to video)",
                                info="chunks made and dropped before the first frame: the first frames shown are "
                                     "then streamed ones, which follow the prompt better; 0 shows the first sooner")
-        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, warmup, live],
-                              [video, status], api_name="stream")
+        model.change(model_defaults, model, [chunk, micro, guidance, switch, warmup], api_name=False)
+        started = start.click(stream, [prompt, seed, schedule, seconds, chunk, micro, guidance, switch, warmup, model,
+                                       live], [video, status], api_name=False, concurrency_id="stream")
         update.click(update_prompt, [prompt, live], live, api_name=False)
         prompt.submit(update_prompt, [prompt, live], live, api_name=False)
         stop.click(None, cancels=[started])
         restyled = v2v_start.click(restyle, [source, v2v_prompt, strength, seed, seconds, chunk, micro, guidance, switch,
-                                             v2v_live],
-                                   [v2v_video, v2v_status], api_name="restyle")
+                                             model, v2v_live],
+                                   [v2v_video, v2v_status], api_name=False, concurrency_id="restyle")
         v2v_update.click(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)
         v2v_prompt.submit(update_prompt, [v2v_prompt, v2v_live], v2v_live, api_name=False)
         v2v_stop.click(None, cancels=[restyled])
-        with gr.Group(visible=False):  # /generate is for API users: a finished .mp4 of a given length
-            clip_seconds = gr.Number(value=4, label="seconds")
-            clip = gr.Video(label="clip")
-            gr.Button("Generate").click(generate, [prompt, clip_seconds, seed, schedule, chunk, micro, guidance, switch,
-                                                   warmup],
-                                        clip, api_name="generate")
+        api_endpoints(models)
     return demo
 
 

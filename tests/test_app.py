@@ -26,12 +26,21 @@ from streamdit.video import read_video, write_video
 FPS = 16
 
 
+def tiny_student():
+    """A second tiny model with stream defaults of its own (as the built-in student has), for the Model menu."""
+    pipe = tiny_pipeline(seed=1, micro_steps=1)
+    pipe.register_to_config(guidance_scale=2.0, switch_strength=1.0, warmup_chunks=1)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py serving the tiny pipeline in a subprocess; yields its URL and its TMPDIR."""
+    """app.py serving two tiny pipelines in a subprocess, "model" the default and "student"; yields its URL, its
+    TMPDIR and the two models' folders."""
     folder = tmp_path_factory.mktemp("app")
     tiny_pipeline().save_pretrained(folder / "model")
-    with running_app(folder / "model", folder) as url:
+    tiny_student().save_pretrained(folder / "student")
+    with running_app(f"{folder / 'model'},{folder / 'student'}", folder) as url:
         yield url, folder / "tmp"
 
 
@@ -61,6 +70,27 @@ def test_stream_delivers_video_and_status(server):
     assert len(frames) >= 3 * FPS and frames.shape[1:] == (16, 16, 3)
     status = job.outputs()[-1][1]
     assert "48 frames" in status and "a red circle moving left" in status and "last chunk latency" in status
+    assert "model: model" in status  # the first model is the default
+
+
+def test_api_streams_the_chosen_model_with_its_own_defaults(server):
+    """`model` picks one of the Space's models; the stream options an API caller leaves out are that model's own, not
+    the default model's that the Advanced controls hold."""
+    url, _ = server
+    c = client(url)
+
+    def streamed(**options):
+        job = wait(c.submit("a red circle moving left", 3, "", 2, model="student", api_name="/stream", **options))
+        return frames_of(job)[: 2 * FPS].astype(int), job
+
+    ours, job = streamed()
+    own, _ = streamed(micro_steps=1, guidance_scale=2.0, switch_strength=1.0, warmup_chunks=1)  # its stored ones
+    default_models, _ = streamed(micro_steps=2, guidance_scale=1.0, switch_strength=0.0, warmup_chunks=0)
+    near, far = np.abs(ours - own).mean(), np.abs(ours - default_models).mean()
+    assert far > 2 and near < far / 2, (near, far)  # relative, as in test_prompt_schedule_changes_the_video_mid_stream
+    assert "model: student" in job.outputs()[-1][1]
+    with pytest.raises(Exception, match="model"):  # not one of the menu's: refused
+        client(url).predict("a red circle moving left", 0, "", 1, model="other", api_name="/stream")
 
 
 def test_prompt_schedule_changes_the_video_mid_stream(server):
@@ -163,13 +193,13 @@ def app():
 @pytest.mark.parametrize("length", [20, 40, 70])  # inside the first buffer (32 frames), whole chunks, a part chunk
 def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkeypatch, length, zero_gpu):
     pipe = tiny_pipeline()
-    monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "MODELS", {"tiny": pipe})
     monkeypatch.setattr(app, "ZERO_GPU", zero_gpu)
     pending, gpu_call = [], app.next_chunk
 
-    def recording(state):
+    def recording(state, model=None):
         pending.append(len(state.video_pending))
-        return gpu_call(state)
+        return gpu_call(state, model)
 
     monkeypatch.setattr(app, "next_chunk", recording)
     frames = np.random.default_rng(0).integers(0, 256, (length, 16, 16, 3), dtype=np.uint8)
@@ -190,7 +220,7 @@ def test_restyle_equals_the_library_and_feeds_one_chunk_per_gpu_call(app, monkey
 def test_restyle_takes_the_stream_options(app, monkeypatch):
     """Chunk size, micro steps, guidance and switch strength reach a restyle as they reach a text-to-video stream."""
     pipe = tiny_pipeline()
-    monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "MODELS", {"tiny": pipe})
     frames = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     options = dict(chunk_size=1, micro_steps=2, guidance_scale=1.0, switch_strength=0.0)
     ours = np.concatenate([out for out, _ in app.restyled(app.VideoSource(frames), "a red circle moving left", 0.6, 3, 30,
@@ -203,19 +233,40 @@ def test_restyle_takes_the_stream_options(app, monkeypatch):
     assert np.abs(ours.astype(float) - default).mean() > 1  # the options changed the stream
 
 
-def test_both_tabs_share_the_seed_and_stream_options(app):
-    """The Seed, length and Advanced controls sit below the tabs and feed both streams."""
-    by_name = handlers(app.demo)
-    (stream,), (restyle,) = by_name["stream"], by_name["restyle"]
-    # stream: prompt, seed, schedule, seconds, chunk, micro, guidance, switch, live
-    # restyle: clip, prompt, strength, seed, seconds, chunk, micro, guidance, switch, live
-    shared = [stream.inputs[1], stream.inputs[3], *stream.inputs[4:8]]  # seed, seconds, the four stream options
-    assert len(restyle.inputs) == 10
-    assert all(theirs is ours for theirs, ours in zip(restyle.inputs[3:9], shared))
+def test_both_tabs_share_the_model_seed_and_stream_options(app):
+    """The Model, Seed, length and Advanced controls sit below the tabs and feed both streams."""
+    stream, restyle = visitors_handler(app.demo, "stream"), visitors_handler(app.demo, "restyle")
+    # stream: prompt, seed, schedule, seconds, chunk, micro, guidance, switch, warm-up, model, live
+    # restyle: clip, prompt, strength, seed, seconds, chunk, micro, guidance, switch, model, live
+    shared = [stream.inputs[1], stream.inputs[3], *stream.inputs[4:8], stream.inputs[9]]
+    assert len(stream.inputs) == 11 and len(restyle.inputs) == 11
+    assert all(theirs is ours for theirs, ours in zip(restyle.inputs[3:10], shared))
+    for name, visitors in (("stream", stream), ("restyle", restyle)):  # the API's calls queue with the visitors'
+        (api,) = [h for h in handlers(app.demo)[name] if h.api_name == name]
+        assert api.concurrency_id == visitors.concurrency_id == name
+
+
+def test_choosing_a_model_sets_the_stream_options_to_its_own(app, monkeypatch):
+    """The Model menu's change sets the Advanced controls (the visitor's stream options) to the chosen model's
+    stored defaults; a stream of that model then equals the library's with them."""
+    student = tiny_student()
+    monkeypatch.setattr(app, "MODELS", {"tiny": tiny_pipeline(), "student": student})
+    (change,) = handlers(app.demo)["model_defaults"]
+    stream = visitors_handler(app.demo, "stream")
+    assert change.inputs == [stream.inputs[9]] and change.outputs == [*stream.inputs[4:9]]
+    chunk, micro, guidance, switch, warmup = app.model_defaults("student")
+    assert (chunk["value"], micro, guidance, switch, warmup) == (2, 1, 2.0, 1.0, 1)
+    assert chunk["choices"] == [1, 2, 4, 8]
+    ours = np.concatenate([out for out, _ in app.chunks(*app.start_stream(
+        "a red circle moving left", 3, "", chunk["value"], micro, guidance, switch, None, warmup, "student"), 2, None,
+        model="student")])
+    library = student.stream("a red circle moving left", generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(ours, np.concatenate([next(library).frames for _ in range(4)]))
+    assert app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)[0].guidance_scale == 1.0
 
 
 def test_restyle_streams_the_whole_clip_back(app, monkeypatch, tmp_path):
-    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "MODELS", {"tiny": tiny_pipeline()})
     frames = np.random.default_rng(1).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     clip = write_video([frames], tmp_path / "clip.mp4")
     counts, status = [], ""
@@ -285,10 +336,13 @@ def first_output(function, **kwargs):
         ("restyle", dict(guidance_scale=0.5), "guidance_scale=0.5 "),
         ("restyle", dict(switch_strength=1.5), "switch_strength=1.5 "),
         ("update_prompt", dict(prompt=""), "prompt '' is empty"),
+        ("stream", dict(model="other"), "model='other' is not one of this Space's models: 'tiny'"),
+        ("generate", dict(model="other"), "model='other' "),
+        ("restyle", dict(model="other"), "model='other' "),
     ],
 )
 def test_app_rejects_bad_input(app, monkeypatch, clip, function, bad, message):
-    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "MODELS", {"tiny": tiny_pipeline()})
     arguments = {
         "stream": dict(prompt="a red circle moving left", max_seconds=1),
         "generate": dict(prompt="a red circle moving left", seconds=1),
@@ -312,7 +366,7 @@ def audio_only(path):
 
 @pytest.mark.parametrize("name", ["notes.mp4", "empty.mp4", "sound.m4a", "missing.mp4"])
 def test_restyle_names_an_unreadable_video(app, monkeypatch, tmp_path, name):
-    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "MODELS", {"tiny": tiny_pipeline()})
     path = tmp_path / name
     if name == "notes.mp4":
         path.write_text("not a video")
@@ -327,13 +381,13 @@ def test_restyle_names_an_unreadable_video(app, monkeypatch, tmp_path, name):
 @pytest.mark.parametrize("zero_gpu", [False, True])
 def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
     """The UI's "Update prompt": the stream reads the visitor's `live` prompt between chunks."""
-    monkeypatch.setattr(app, "PIPE", tiny_pipeline())
+    monkeypatch.setattr(app, "MODELS", {"tiny": tiny_pipeline()})
     monkeypatch.setattr(app, "ZERO_GPU", zero_gpu)
 
     def run(switch):
         live = {}
         state, schedule = app.start_stream("a red circle moving left", 3, "", None, None, None, None, live)
-        assert live == {"prompt": "a red circle moving left"}
+        assert live == {"prompt": "a red circle moving left", "model": None}
         frames, statuses = [], []
         for out, status in app.chunks(state, schedule, 3, live):
             frames.append(out)
@@ -352,6 +406,12 @@ def test_update_prompt_switches_the_running_stream(app, monkeypatch, zero_gpu):
     assert all("prompt: *a red circle moving left*" in s for s in plain_statuses)
 
 
+def visitors_handler(demo, name):
+    """The handler of the visible button (the API's own endpoint calls the same function)."""
+    (handler,) = [h for h in handlers(demo)[name] if h.api_name != name]
+    return handler
+
+
 def handlers(demo):
     """The demo's event handlers by function name: what each button or box calls, with its inputs and outputs."""
     fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
@@ -365,7 +425,7 @@ def test_each_tab_updates_its_own_streams_prompt(app):
     """Text to video and video to video each have "Update prompt" (button and Enter), each writing the `live` state
     that its own stream reads, so a visitor running both can switch one without the other."""
     by_name = handlers(app.demo)
-    (stream,), (restyle,) = by_name["stream"], by_name["restyle"]
+    stream, restyle = visitors_handler(app.demo, "stream"), visitors_handler(app.demo, "restyle")
     live = {"stream": stream.inputs[-1], "restyle": restyle.inputs[-1]}
     prompt = {"stream": stream.inputs[0], "restyle": restyle.inputs[1]}
     assert live["stream"] is not live["restyle"]
@@ -379,7 +439,7 @@ def test_each_tab_updates_its_own_streams_prompt(app):
 def test_stream_options_default_to_the_models_own(app, monkeypatch):
     pipe = tiny_pipeline()
     pipe.register_to_config(guidance_scale=2.5, switch_strength=0.625)
-    monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "MODELS", {"tiny": pipe})
     state, _ = app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)
     assert (state.guidance_scale, state.switch_strength) == (2.5, 0.625)
     state, _ = app.start_stream("a red circle moving left", 0, "", None, None, 1.0, 0.0, None)
@@ -389,7 +449,7 @@ def test_stream_options_default_to_the_models_own(app, monkeypatch):
 def test_the_warmup_defaults_to_the_models_own_and_reaches_the_stream(app, monkeypatch):
     pipe = tiny_pipeline()
     pipe.register_to_config(warmup_chunks=2)
-    monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "MODELS", {"tiny": pipe})
     assert app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)[0].warmup_chunks == 2
     ours = np.concatenate([out for out, _ in app.chunks(*app.start_stream(
         "a red circle moving left", 3, "", None, None, None, None, None, 0), 2, None)])
@@ -410,7 +470,7 @@ def test_a_closed_stream_stops_its_denoiser_thread(app, monkeypatch):
     pipe = tiny_pipeline()
     stream = pipe.stream
     monkeypatch.setattr(pipe, "stream", lambda *args, **options: stream(*args, pipelined=True, **options))  # as on a GPU
-    monkeypatch.setattr(app, "PIPE", pipe)
+    monkeypatch.setattr(app, "MODELS", {"tiny": pipe})
     monkeypatch.setattr(app, "ZERO_GPU", False)
     before = len(denoiser_threads())
     state, schedule = app.start_stream("a red circle moving left", 0, "", None, None, None, None, None)
