@@ -106,7 +106,7 @@ def open_stream(state, clip=None, model=None):
 
 def check_prompt(prompt, pipe=None):
     try:
-        (pipe or pipeline()).check_prompt(prompt)
+        (pipeline() if pipe is None else pipe).check_prompt(prompt)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return prompt.strip()
@@ -132,13 +132,12 @@ def check_schedule(prompt, schedule, pipe=None):
 
 def stream_options(chunk_size, micro_steps, guidance_scale, switch_strength, pipe=None):
     """The checked stream options for `prepare_stream`, the model's own where the caller gave None."""
-    pipe = pipe or pipeline()
+    pipe = pipeline() if pipe is None else pipe
     chunk_size, micro_steps, guidance_scale, switch_strength = defaults(chunk_size, micro_steps, guidance_scale,
                                                                         switch_strength, pipe)
-    sizes = chunk_sizes(pipe)
+    sizes = chunk_sizes(pipe)  # the last is the buffer itself
     if chunk_size not in sizes:
-        buffer = pipe.scheduler.config.buffer_frames - pipe.scheduler.config.reference_frames
-        raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {buffer} frames: one of {sizes}")
+        raise gr.Error(f"chunk_size={chunk_size!r} must divide the buffer of {sizes[-1]} frames: one of {sizes}")
     return dict(
         chunk_size=int(chunk_size),
         micro_steps=check_number("micro_steps", micro_steps, 1, 64, integer=True),
@@ -300,7 +299,7 @@ def restyled(clip, prompt, strength, seed, max_seconds, live, model=None, **opti
 
 def defaults(chunk_size, micro_steps, guidance_scale, switch_strength, pipe=None):
     """The model's own stream defaults (stored with it) where the caller gave none."""
-    pipe = pipe or pipeline()
+    pipe = pipeline() if pipe is None else pipe
     config = pipe.scheduler.config
     return (
         config.chunk_size if chunk_size is None else chunk_size,
