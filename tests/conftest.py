@@ -14,6 +14,7 @@ import torch
 
 from streamdit import (
     DEFAULT_MODEL,
+    STUDENT_MODEL,
     StreamDiTAutoencoder,
     StreamDiTPipeline,
     StreamDiTScheduler,
@@ -103,9 +104,10 @@ def running_app(model, folder: Path):
 
 @pytest.fixture(scope="session")
 def shipped_app(tmp_path_factory):
-    """app.py serving the built-in model, as a visitor gets it; one server for every test that looks at its video."""
+    """app.py serving the built-in model and its student, as a visitor gets it (`python app.py`); one server for every
+    test that looks at its video."""
     folder = tmp_path_factory.mktemp("shipped-app")
-    with running_app(DEFAULT_MODEL, folder) as url:
+    with running_app(f"{DEFAULT_MODEL},{STUDENT_MODEL}", folder) as url:
         yield url
 
 

@@ -1,7 +1,8 @@
 """The Space in a real browser: Debian's Chromium, driven by Playwright, shows the model's video.
 
-app.py serves the built-in model; the test types a prompt, presses Start, lets the stream play past 2 s, pauses it
-and reads the shown frame's pixels in the page (a canvas). Skipped where Chromium or Playwright is missing (.ci/run
+app.py serves the built-in model and its student, as `python app.py` does; the test types a prompt (and for the
+student, picks it in the Model menu), presses Start, lets the stream play past 2 s, pauses it and reads the shown
+frame's pixels in the page (a canvas). Skipped where Chromium or Playwright is missing (.ci/run
 installs both).
 
 The README's screenshot is saved only when asked for, so that a test run leaves the repository as it was:
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, colour_counts, library_frames, shows_colour
+from streamdit import STUDENT_MODEL
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download its own, which we never do
 if not CHROMIUM.exists():
@@ -26,6 +28,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
 FPS = 16
+MICRO_STEPS_DEFAULT = 8  # the built-in model's, which the Advanced options show first
 PROMPT = "a red square moving right on a white background"
 SEED = 0  # the Seed box's default
 PLAYED = 2.0  # seconds of video played before the frame is read
@@ -50,22 +53,39 @@ PLAYER_TIME = """() => { const video = document.querySelector("#stream video"); 
 @pytest.fixture(scope="module")
 def shown(shipped_app):
     """(player time in s, the frame the page shows then: uint8 (H, W, 3)), once the stream has played past 2 s."""
+    return stream_in_browser(shipped_app, screenshot=SCREENSHOT)
+
+
+@pytest.fixture(scope="module")
+def student_shown(shipped_app):
+    """The same with the student picked in the Model menu, and the micro steps the Advanced options then show."""
+    return stream_in_browser(shipped_app, model=Path(STUDENT_MODEL).name)
+
+
+def stream_in_browser(url, model=None, screenshot=None):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 960, "height": 820})
-            page.goto(shipped_app)
+            page.goto(url)
             page.get_by_label("Prompt").first.fill(PROMPT)
+            if model is not None:
+                page.get_by_label("Model").click()
+                page.get_by_role("option", name=model).click()
+                page.get_by_text("Advanced stream options").click()  # open the accordion to read a slider
+                micro = page.get_by_label("number input for Micro steps per chunk")
+                sync_api.expect(micro).not_to_have_value(str(MICRO_STEPS_DEFAULT))  # the change has landed
             page.get_by_role("button", name="Start").click()
             wait_for_playback(page, PLAYED, timeout=90)
             frame = page.evaluate(READ_FRAME)
-            if SCREENSHOT:
-                save_screenshot(page, ROOT / SCREENSHOT)
+            micro_steps = page.get_by_label("number input for Micro steps per chunk").input_value() if model else None
+            if screenshot:
+                save_screenshot(page, ROOT / screenshot)
             page.get_by_role("button", name="Stop").click()  # the server stops generating for this visitor
         finally:
             browser.close()
     pixels = np.array(frame["pixels"], np.uint8).reshape(frame["height"], frame["width"], 4)
-    return frame["time"], pixels[..., :3]
+    return (frame["time"], pixels[..., :3]) if model is None else (frame["time"], pixels[..., :3], micro_steps)
 
 
 def wait_for_playback(page, seconds, timeout):
@@ -87,8 +107,20 @@ def save_screenshot(page, path):
 
 def test_browser_shows_the_librarys_frames(shown):
     played, frame = shown
+    assert_library_frame(played, frame, library_frames(PROMPT, SEED, int(round(played * FPS)) + 2))
+
+
+def test_browser_streams_the_model_picked_in_the_menu(student_shown):
+    """The Model menu sets the Advanced options to the student's own (4 micro steps) and Start streams the student."""
+    played, frame, micro_steps = student_shown
+    assert micro_steps == "4"
+    reference = library_frames(PROMPT, SEED, int(round(played * FPS)) + 2, model=STUDENT_MODEL)
+    assert_library_frame(played, frame, reference)
+
+
+def assert_library_frame(played, frame, reference):
     index = int(round(played * FPS))
-    reference = library_frames(PROMPT, SEED, index + 2).astype(np.float64) / 255
+    reference = reference.astype(np.float64) / 255
     # The player's clock and the frame on screen can be a frame apart (MPEG-TS and hls.js timestamps): the nearest
     # frame or a neighbour must match, up to H.264's loss (about 5/255 on these frames) and the colour conversion.
     candidates = range(max(index - 1, 0), index + 2)
