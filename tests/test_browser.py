@@ -53,20 +53,21 @@ PLAYER_TIME = """() => { const video = document.querySelector("#stream video"); 
 @pytest.fixture(scope="module")
 def shown(shipped_app):
     """(player time in s, the frame the page shows then: uint8 (H, W, 3)), once the stream has played past 2 s."""
-    return stream_in_browser(shipped_app, screenshot=SCREENSHOT)
+    return stream_in_browser(shipped_app)
 
 
 @pytest.fixture(scope="module")
 def student_shown(shipped_app):
-    """The same with the student picked in the Model menu, and the micro steps the Advanced options then show."""
-    return stream_in_browser(shipped_app, model=Path(STUDENT_MODEL).name)
+    """The same with the student picked in the Model menu, and the micro steps the Advanced options then show (the
+    README's screenshot: the Space as it runs in real time on a CPU)."""
+    return stream_in_browser(shipped_app, model=Path(STUDENT_MODEL).name, screenshot=SCREENSHOT)
 
 
 def stream_in_browser(url, model=None, screenshot=None):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 960, "height": 820})
+            page = browser.new_page(viewport={"width": 960, "height": 1160})  # down to the Model menu
             page.goto(url)
             page.get_by_label("Prompt").first.fill(PROMPT)
             if model is not None:
