@@ -72,13 +72,18 @@ DEVICE = "cuda" if torch.cuda.is_available() or ZERO_GPU else "cpu"
 MODELS = {name: load(source) for name, source in model_names(model_sources()).items()}  # loaded once, shared
 
 
-def pipeline(model=None):
-    """The pipeline of the model named `model` (None or "": the first, the Space's default)."""
+def model_name(model=None):
+    """The name of the model `model` asks for (None or "": the first, the Space's default)."""
     if model is None or model == "":
-        return next(iter(MODELS.values()))
+        return next(iter(MODELS))
     if model not in MODELS:
         raise gr.Error(f"model={model!r} is not one of this Space's models: {', '.join(map(repr, MODELS))}")
-    return MODELS[model]
+    return model
+
+
+def pipeline(model=None):
+    """The pipeline of the model named `model` (None or "": the default)."""
+    return MODELS[model_name(model)]
 
 
 def chunk_sizes(pipe):
@@ -157,7 +162,7 @@ def status_line(frames, started, first_frame, latency, prompt, model=None):
         f"prompt: *{prompt}*",
     ]
     if len(MODELS) > 1:
-        parts.append(f"model: {model or next(iter(MODELS))}")
+        parts.append(f"model: {model_name(model)}")
     if unknown:
         parts.append(f"words the model does not know (ignored): **{', '.join(unknown)}**")
     return " · ".join(parts)

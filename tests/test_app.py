@@ -35,8 +35,8 @@ def tiny_student():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py serving two tiny pipelines in a subprocess, "model" the default and "student"; yields its URL, its
-    TMPDIR and the two models' folders."""
+    """app.py serving two tiny pipelines in a subprocess, "model" the default and "student"; yields its URL and its
+    TMPDIR."""
     folder = tmp_path_factory.mktemp("app")
     tiny_pipeline().save_pretrained(folder / "model")
     tiny_student().save_pretrained(folder / "student")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, colour_counts, library_frames, shows_colour
-from streamdit import STUDENT_MODEL
+from streamdit import DEFAULT_MODEL, STUDENT_MODEL, StreamDiTScheduler
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `playwright install` would download its own, which we never do
 if not CHROMIUM.exists():
@@ -28,7 +28,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 
 FPS = 16
-MICRO_STEPS_DEFAULT = 8  # the built-in model's, which the Advanced options show first
+MICRO_STEPS = "number input for Micro steps per chunk"  # the Advanced options' micro steps box
 PROMPT = "a red square moving right on a white background"
 SEED = 0  # the Seed box's default
 PLAYED = 2.0  # seconds of video played before the frame is read
@@ -53,7 +53,8 @@ PLAYER_TIME = """() => { const video = document.querySelector("#stream video"); 
 @pytest.fixture(scope="module")
 def shown(shipped_app):
     """(player time in s, the frame the page shows then: uint8 (H, W, 3)), once the stream has played past 2 s."""
-    return stream_in_browser(shipped_app)
+    played, frame, _ = stream_in_browser(shipped_app)
+    return played, frame
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def student_shown(shipped_app):
 
 
 def stream_in_browser(url, model=None, screenshot=None):
+    """(player time, shown frame, the micro steps the Advanced options show: None unless a `model` was picked)."""
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
@@ -74,19 +76,19 @@ def stream_in_browser(url, model=None, screenshot=None):
                 page.get_by_label("Model").click()
                 page.get_by_role("option", name=model).click()
                 page.get_by_text("Advanced stream options").click()  # open the accordion to read a slider
-                micro = page.get_by_label("number input for Micro steps per chunk")
-                sync_api.expect(micro).not_to_have_value(str(MICRO_STEPS_DEFAULT))  # the change has landed
+                default = StreamDiTScheduler.from_pretrained(DEFAULT_MODEL, subfolder="scheduler").config.micro_steps
+                sync_api.expect(page.get_by_label(MICRO_STEPS)).not_to_have_value(str(default))  # the change landed
             page.get_by_role("button", name="Start").click()
             wait_for_playback(page, PLAYED, timeout=90)
             frame = page.evaluate(READ_FRAME)
-            micro_steps = page.get_by_label("number input for Micro steps per chunk").input_value() if model else None
+            micro_steps = page.get_by_label(MICRO_STEPS).input_value() if model else None
             if screenshot:
                 save_screenshot(page, ROOT / screenshot)
             page.get_by_role("button", name="Stop").click()  # the server stops generating for this visitor
         finally:
             browser.close()
     pixels = np.array(frame["pixels"], np.uint8).reshape(frame["height"], frame["width"], 4)
-    return (frame["time"], pixels[..., :3]) if model is None else (frame["time"], pixels[..., :3], micro_steps)
+    return frame["time"], pixels[..., :3], micro_steps
 
 
 def wait_for_playback(page, seconds, timeout):
